@@ -1,0 +1,48 @@
+"""weightcache: verified, node-local model weights and a fast safetensors loader.
+
+Importing this package is cheap: ``load`` and ``open`` import the loader on
+first call, the loader imports the embedded pull machinery only when no daemon
+answers, and nothing here imports the aiohttp server or uvloop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from weightcache.errors import WeightcacheError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+    from weightcache.client.report import LoadReport
+
+__all__ = ["WeightcacheError", "load", "load_with_report", "open"]
+__version__ = "0.1.0"
+
+
+def load(ref: str, device: Any = "cpu", **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Make ``ref`` local (verified) and return its safetensors tensors on ``device``.
+
+    See :func:`weightcache.client.loader.load` for every option.
+    """
+    from weightcache.client import loader
+
+    return loader.load(ref, device, **kwargs)
+
+
+def load_with_report(
+    ref: str, device: Any = "cpu", **kwargs: Any
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Like :func:`load`, and also return the phase timings and byte counts."""
+    from weightcache.client import loader
+
+    return loader.load_with_report(ref, device, **kwargs)
+
+
+def open(ref: str, **kwargs: Any) -> Path:
+    """Make ``ref`` local and return its snapshot directory (every file, not only tensors)."""
+    from weightcache.client import loader
+
+    return loader.open_snapshot(ref, **kwargs)

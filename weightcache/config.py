@@ -1,0 +1,281 @@
+"""Configuration: frozen dataclasses from TOML, ``WEIGHTCACHE_*`` variables and flags.
+
+This is the only module that reads the environment. Precedence, lowest first:
+built-in defaults, the TOML file (``--config`` or ``WEIGHTCACHE_CONFIG``),
+``WEIGHTCACHE_<SECTION>_<FIELD>`` variables (``WEIGHTCACHE_CACHE_DIR``,
+``WEIGHTCACHE_FETCH_CONCURRENCY``, ...), then explicit overrides (CLI flags).
+S3 credentials and endpoint come from the standard ``AWS_*`` variables.
+
+Every problem is collected and reported at once as a dotted path
+(``fetch.concurrency: must be >= 1, got 0``) before anything touches the disk
+or the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from weightcache.errors import ConfigInvalid
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_IUNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"16MiB"`` → 16777216, ``"1GB"`` → 10**9, ``"4096"`` → 4096."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a byte size: {text!r} (use e.g. 4096, 64MiB, 2GiB)")
+    number, unit = int(m.group(1)), (m.group(2) or "").lower()
+    if unit.startswith(tuple(_IUNITS)) and "i" in unit:
+        return number * _IUNITS[unit[0]]
+    return number * _UNITS[unit[:1]]
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "weightcache"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: Path = field(default_factory=_default_cache_dir)
+    #: byte budget for blobs; 0 means no budget (the reserve still applies)
+    max_bytes: int = 0
+    #: free space to leave on the cache's filesystem, whatever the budget says
+    reserve_bytes: int = 1 * GiB
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    #: parallel ranged GETs per blob and in all (per process in embedded mode)
+    concurrency: int = 8
+    #: origin attempts per chunk on transient faults (429/5xx, resets, short bodies)
+    retries: int = 6
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 10.0
+    #: re-fetches of a chunk whose bytes fail their BLAKE3 before HashMismatch
+    hash_retries: int = 2
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    #: rate limit over all origin reads of this process; 0 means none
+    max_bytes_per_s: int = 0
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    #: manifest chunk size: the unit of ranged GETs and of verification
+    chunk_bytes: int = 16 * MiB
+    #: multipart part size for uploads (S3 minimum 5 MiB)
+    part_bytes: int = 64 * MiB
+
+
+@dataclass(frozen=True)
+class S3Config:
+    endpoint_url: str = "https://s3.amazonaws.com"
+    region: str = "us-east-1"
+    access_key_id: str = field(default="", repr=False)
+    secret_access_key: str = field(default="", repr=False)
+    #: bucket for bare ``NAME`` refs
+    default_bucket: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    s3: S3Config = field(default_factory=S3Config)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "cache": CacheConfig,
+    "fetch": FetchConfig,
+    "publish": PublishConfig,
+    "s3": S3Config,
+}
+# Secrets are only taken from the standard variables, never from the TOML file,
+# so that a config file can be shared and committed.
+_SECRET_FIELDS = {("s3", "access_key_id"), ("s3", "secret_access_key")}
+_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": ("s3", "access_key_id"),
+    "AWS_SECRET_ACCESS_KEY": ("s3", "secret_access_key"),
+    "AWS_ENDPOINT_URL": ("s3", "endpoint_url"),
+    "AWS_REGION": ("s3", "region"),
+}
+
+
+def _field_type(section: type[Any], name: str) -> Any:
+    hint = get_type_hints(section)[name]
+    if get_origin(hint) in (Union, types.UnionType):
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    return hint
+
+
+def _coerce(value: Any, hint: Any, name: str, from_text: bool) -> Any:
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError("must be a non-empty path string")
+        return Path(os.path.expanduser(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        raise ValueError(f"must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and name.endswith("_bytes"):
+            return parse_size(value)
+        if isinstance(value, str) and from_text:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str) and from_text:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"must be a number, got {value!r}")
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r}")  # programmer error
+
+
+def _check(cfg: Config) -> list[str]:
+    problems: list[str] = []
+
+    def need(ok: bool, path: str, why: str, got: Any) -> None:
+        if not ok:
+            problems.append(f"{path}: {why}, got {got!r}")
+
+    c, f, p = cfg.cache, cfg.fetch, cfg.publish
+    need(c.max_bytes >= 0, "cache.max_bytes", "must be >= 0 (0 = no budget)", c.max_bytes)
+    need(c.reserve_bytes >= 0, "cache.reserve_bytes", "must be >= 0", c.reserve_bytes)
+    need(1 <= f.concurrency <= 256, "fetch.concurrency", "must be in 1..256", f.concurrency)
+    need(0 <= f.retries <= 100, "fetch.retries", "must be in 0..100", f.retries)
+    need(0 <= f.hash_retries <= 10, "fetch.hash_retries", "must be in 0..10", f.hash_retries)
+    need(f.backoff_base_s > 0, "fetch.backoff_base_s", "must be > 0", f.backoff_base_s)
+    need(
+        f.backoff_max_s >= f.backoff_base_s,
+        "fetch.backoff_max_s",
+        "must be >= fetch.backoff_base_s",
+        f.backoff_max_s,
+    )
+    need(f.connect_timeout_s > 0, "fetch.connect_timeout_s", "must be > 0", f.connect_timeout_s)
+    need(f.read_timeout_s > 0, "fetch.read_timeout_s", "must be > 0", f.read_timeout_s)
+    need(f.max_bytes_per_s >= 0, "fetch.max_bytes_per_s", "must be >= 0", f.max_bytes_per_s)
+    need(
+        4096 <= p.chunk_bytes <= GiB,
+        "publish.chunk_bytes",
+        "must be in 4KiB..1GiB",
+        p.chunk_bytes,
+    )
+    need(5 * MiB <= p.part_bytes <= 5 * GiB, "publish.part_bytes", "must be in 5MiB..5GiB", p.part_bytes)
+    need(
+        cfg.s3.endpoint_url.startswith(("http://", "https://")),
+        "s3.endpoint_url",
+        "must start with http:// or https://",
+        cfg.s3.endpoint_url,
+    )
+    return problems
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective configuration; raise :class:`ConfigInvalid` listing every problem.
+
+    ``overrides`` maps dotted names (``"cache.dir"``) to values from flags.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+
+    def put(section: str, name: str, raw: Any, origin: str, from_text: bool) -> None:
+        cls = _SECTIONS[section]
+        try:
+            values[section][name] = _coerce(raw, _field_type(cls, name), name, from_text)
+        except ValueError as exc:
+            problems.append(f"{section}.{name}: {exc} (from {origin})")
+
+    path = path if path is not None else (env.get("WEIGHTCACHE_CONFIG") or None)
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigInvalid([f"config file {os.fspath(path)}: {exc.strerror}"]) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigInvalid([f"config file {os.fspath(path)}: {exc}"]) from exc
+        for section, table in doc.items():
+            if section not in _SECTIONS:
+                problems.append(f"{section}: unknown section (known: {', '.join(_SECTIONS)})")
+                continue
+            if not isinstance(table, dict):
+                problems.append(f"{section}: must be a table")
+                continue
+            known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+            for name, raw in table.items():
+                if name not in known:
+                    problems.append(f"{section}.{name}: unknown option")
+                elif (section, name) in _SECRET_FIELDS:
+                    problems.append(
+                        f"{section}.{name}: credentials are read from AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY only, never from the config file"
+                    )
+                else:
+                    put(section, name, raw, "config file", from_text=False)
+
+    for var, (section, name) in _AWS_ENV.items():
+        if env.get(var):
+            put(section, name, env[var], var, from_text=True)
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            var = f"WEIGHTCACHE_{section}_{f.name}".upper()
+            if var in env and (section, f.name) not in _SECRET_FIELDS:
+                put(section, f.name, env[var], var, from_text=True)
+
+    for dotted, raw in (overrides or {}).items():
+        section, _, name = dotted.partition(".")
+        if section not in _SECTIONS or name not in {
+            f.name for f in dataclasses.fields(_SECTIONS[section])
+        }:
+            problems.append(f"{dotted}: unknown option")
+            continue
+        put(section, name, raw, "command line", from_text=isinstance(raw, str))
+
+    if problems:
+        raise ConfigInvalid(problems)
+    cfg = Config(**{s: _SECTIONS[s](**values[s]) for s in _SECTIONS})
+    problems = _check(cfg)
+    if problems:
+        raise ConfigInvalid(problems)
+    return cfg

@@ -1,0 +1,125 @@
+"""Metadata over diskcache: the only module that imports ``diskcache``.
+
+The index remembers what the file system cannot say cheaply: when a blob or a
+snapshot was last used (for LRU eviction), which location a snapshot came
+from, and counters. It is advisory: presence is always decided by the files in
+``blobs/`` and ``snapshots/``, and ``weightcache verify`` reconciles the two.
+
+diskcache is opened with every setting explicit. Its defaults would silently
+cull rows past a 1 GiB size limit; here nothing is ever evicted by diskcache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypedDict, cast
+
+import diskcache
+
+
+class BlobRecord(TypedDict):
+    size: int
+    created: float
+    accessed: float
+
+
+class SnapshotRecord(TypedDict):
+    location: str
+    files: int
+    bytes: int
+    created: float
+    accessed: float
+
+
+_SETTINGS: dict[str, Any] = {
+    "eviction_policy": "none",
+    "size_limit": 2**62,
+    "cull_limit": 0,
+    "statistics": 0,
+    "tag_index": 0,
+    "sqlite_journal_mode": "wal",
+    # NORMAL: with WAL, a power loss may lose the last commits but never corrupts;
+    # the index is rebuilt from the files by `verify` anyway.
+    "sqlite_synchronous": 1,
+    "sqlite_cache_size": 2**13,
+    "sqlite_mmap_size": 2**26,
+    "disk_min_file_size": 2**15,
+    "disk_pickle_protocol": 5,
+}
+
+
+class Index:
+    def __init__(self, directory: Path, *, timeout_s: float = 60.0) -> None:
+        self._cache = diskcache.Cache(str(directory), timeout=timeout_s, **_SETTINGS)
+
+    def close(self) -> None:
+        self._cache.close()
+
+    # -- blobs -----------------------------------------------------------------
+
+    def add_blob(self, digest: str, size: int) -> None:
+        now = time.time()
+        self._cache.set(("blob", digest), BlobRecord(size=size, created=now, accessed=now))
+
+    def touch_blobs(self, digests: list[str]) -> None:
+        now = time.time()
+        with self._cache.transact():
+            for digest in digests:
+                rec = cast(BlobRecord | None, self._cache.get(("blob", digest)))
+                if rec is not None:
+                    rec["accessed"] = now
+                    self._cache.set(("blob", digest), rec)
+
+    def blob(self, digest: str) -> BlobRecord | None:
+        return cast(BlobRecord | None, self._cache.get(("blob", digest)))
+
+    def drop_blob(self, digest: str) -> None:
+        self._cache.delete(("blob", digest))
+
+    def blobs(self) -> Iterator[tuple[str, BlobRecord]]:
+        for key in list(self._cache.iterkeys()):
+            if isinstance(key, tuple) and key[0] == "blob":
+                rec = self._cache.get(key)
+                if rec is not None:
+                    yield key[1], cast(BlobRecord, rec)
+
+    # -- snapshots ---------------------------------------------------------------
+
+    def add_snapshot(self, rev: str, location: str, files: int, nbytes: int) -> None:
+        now = time.time()
+        old = cast(SnapshotRecord | None, self._cache.get(("snapshot", rev)))
+        rec = SnapshotRecord(
+            location=location,
+            files=files,
+            bytes=nbytes,
+            created=old["created"] if old else now,
+            accessed=now,
+        )
+        self._cache.set(("snapshot", rev), rec)
+
+    def snapshot(self, rev: str) -> SnapshotRecord | None:
+        return cast(SnapshotRecord | None, self._cache.get(("snapshot", rev)))
+
+    def drop_snapshot(self, rev: str) -> None:
+        self._cache.delete(("snapshot", rev))
+
+    def snapshots(self) -> Iterator[tuple[str, SnapshotRecord]]:
+        for key in list(self._cache.iterkeys()):
+            if isinstance(key, tuple) and key[0] == "snapshot":
+                rec = self._cache.get(key)
+                if rec is not None:
+                    yield key[1], cast(SnapshotRecord, rec)
+
+    # -- counters ------------------------------------------------------------------
+
+    def incr(self, name: str, delta: int = 1) -> None:
+        self._cache.incr(("counter", name), delta, default=0)
+
+    def counters(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for key in list(self._cache.iterkeys()):
+            if isinstance(key, tuple) and key[0] == "counter":
+                out[key[1]] = int(self._cache.get(key, 0))
+        return out

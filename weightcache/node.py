@@ -1,0 +1,466 @@
+"""The node cache as one facade: resolve a ref, pull what is missing, link the snapshot.
+
+Used in-process by ``weightcache.load`` when no daemon answers (embedded mode)
+and by the CLI. Several processes on a node may run it at once against the same
+cache directory: each blob is pulled by whichever process holds its ``flock``,
+the others wait for it (or take over, resuming, if the holder dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from weightcache.config import Config, load_config
+from weightcache.errors import (
+    CacheFull,
+    HashMismatch,
+    ModelNotFound,
+    ObjectNotFound,
+    OriginUnavailable,
+    RevisionAmbiguous,
+)
+from weightcache.fetch import Clock, Fetcher, FetchStats, RealClock, TokenBucket, run_all
+from weightcache.hashing import is_digest
+from weightcache.index import Index
+from weightcache.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    REVISIONS_DIR,
+    FileEntry,
+    Manifest,
+    parse,
+)
+from weightcache.origin import Origin, join_key, open_origin
+from weightcache.refs import Ref, parse_ref
+from weightcache.store import Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: how often a process waiting for another's pull of a blob looks again
+LOCK_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    path: str
+    local_path: Path
+    size: int
+    blake3: str
+
+
+@dataclass
+class Ensured:
+    """A revision made local: where its files are and where the bytes came from."""
+
+    ref: str
+    revision: str
+    snapshot: Path
+    files: list[LocalFile]
+    cache_hit: bool
+    total_bytes: int
+    origin_bytes: int = 0
+    reused_bytes: int = 0  # blobs already in the cache (another model, an earlier pull)
+    coalesced_bytes: int = 0  # blobs another process pulled while this one waited
+    resumed_bytes: int = 0  # verified chunks of an interrupted pull, kept
+    retries: int = 0
+    resolve_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["snapshot"] = str(self.snapshot)
+        doc["files"] = [
+            {"path": f.path, "local_path": str(f.local_path), "size": f.size, "blake3": f.blake3}
+            for f in self.files
+        ]
+        return doc
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    done_bytes: int
+    total_bytes: int
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class _Resolved:
+    ref: Ref
+    revision: str
+    manifest: Manifest
+    origin: Origin | None
+    prefix: str
+
+
+@dataclass
+class Node:
+    cfg: Config
+    clock: Clock = field(default_factory=RealClock)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self.store = Store(self.cfg.cache.dir)
+        self.store.ensure_layout()
+        self.index = Index(self.store.index_dir)
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.cfg.fetch.concurrency + 4, thread_name_prefix="weightcache-io"
+        )
+        self._limiter: TokenBucket | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.index.close()
+
+    async def _hop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+    def _fetcher(self) -> Fetcher:
+        # Created lazily inside the running loop (asyncio primitives bind to it).
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.cfg.fetch.concurrency)
+            if self.cfg.fetch.max_bytes_per_s:
+                self._limiter = TokenBucket(self.cfg.fetch.max_bytes_per_s, self.clock)
+        return Fetcher(
+            store=self.store,
+            policy=self.cfg.fetch,
+            executor=self.executor,
+            clock=self.clock,
+            rng=self.rng,
+            limiter=self._limiter,
+            slots=self._slots,
+        )
+
+    # -- resolve -------------------------------------------------------------
+
+    def parse(self, text: str) -> Ref:
+        return parse_ref(text, default_bucket=self.cfg.s3.default_bucket)
+
+    async def resolve(self, ref: Ref) -> _Resolved:
+        """Find the revision a ref names, preferring what the cache already knows."""
+        if ref.rev:
+            local = self._local_revision(ref)
+            if local:
+                manifest = await self._hop(self.store.load_manifest, local)
+                if manifest is not None:
+                    return _Resolved(ref, local, manifest, None, "")
+        origin, prefix = open_origin(ref, self.cfg)
+        try:
+            if ref.rev:
+                revision, raw = await self._hop(self._read_revision, origin, prefix, ref)
+            else:
+                try:
+                    raw = await self._hop(
+                        origin.read, join_key(prefix, MANIFEST_NAME), max_bytes=MAX_MANIFEST_BYTES
+                    )
+                except ObjectNotFound as exc:
+                    raise ModelNotFound(
+                        f"no model at {ref.location}: {MANIFEST_NAME} not found",
+                        ref=str(ref),
+                        hint="publish it with `weightcache publish DIR REF`, or write a "
+                        "manifest for uploaded files with `weightcache index REF`",
+                    ) from exc
+                except OriginUnavailable:
+                    offline = self._last_resolved(ref)
+                    if offline is None:
+                        raise
+                    origin.close()
+                    log.warning(
+                        "resolve.offline ref=%s revision=%s reason=origin unavailable",
+                        ref.location, offline.revision,
+                    )
+                    return offline
+                revision = ""
+            manifest, actual = parse(raw)
+            if revision and actual != revision:
+                raise HashMismatch(
+                    f"manifest of revision {revision} at {ref.location} hashes to {actual}",
+                    ref=str(ref),
+                    expected=revision,
+                    actual=actual,
+                )
+            revision = actual
+            await self._hop(self.store.save_manifest, revision, raw)
+            if not ref.rev:
+                await self._hop(self.store.set_ref, ref.location_key, revision)
+        except BaseException:
+            origin.close()
+            raise
+        return _Resolved(ref, revision, manifest, origin, prefix)
+
+    def _local_revision(self, ref: Ref) -> str | None:
+        assert ref.rev
+        if is_digest(ref.rev):
+            return ref.rev if self.store.manifest_path(ref.rev).exists() else None
+        # A short prefix is only matched against revisions this location produced,
+        # so that another model's revision can never answer for it.
+        matches = [
+            rev
+            for rev, rec in self.index.snapshots()
+            if rec["location"] == ref.location and rev.startswith(ref.rev)
+        ]
+        last = self.store.get_ref(ref.location_key)
+        if last and last.startswith(ref.rev) and last not in matches:
+            matches.append(last)
+        if len(matches) > 1:
+            raise RevisionAmbiguous(
+                f"revision prefix {ref.rev} matches {len(matches)} revisions of {ref.location}",
+                ref=str(ref),
+                matches=sorted(matches),
+            )
+        return matches[0] if matches else None
+
+    def _last_resolved(self, ref: Ref) -> _Resolved | None:
+        rev = self.store.get_ref(ref.location_key)
+        if rev is None or not self.store.has_snapshot(rev):
+            return None
+        manifest = self.store.load_manifest(rev)
+        if manifest is None:
+            return None
+        return _Resolved(ref, rev, manifest, None, "")
+
+    def _read_revision(self, origin: Origin, prefix: str, ref: Ref) -> tuple[str, bytes]:
+        assert ref.rev
+        base = join_key(prefix, REVISIONS_DIR)
+        matches = sorted(
+            name
+            for name in (
+                info.key[len(base) + 1 :].removesuffix(".json") for info in origin.list(base)
+            )
+            if is_digest(name) and name.startswith(ref.rev)
+        )
+        if not matches:
+            raise ModelNotFound(f"no revision {ref.rev} at {ref.location}", ref=str(ref))
+        if len(matches) > 1:
+            raise RevisionAmbiguous(
+                f"revision prefix {ref.rev} matches {len(matches)} revisions at {ref.location}",
+                ref=str(ref),
+                matches=matches,
+                hint="give more hex digits",
+            )
+        raw = origin.read(join_key(base, f"{matches[0]}.json"), max_bytes=MAX_MANIFEST_BYTES)
+        return matches[0], raw
+
+    # -- ensure -------------------------------------------------------------------
+
+    async def ensure(self, text: str, on_progress: ProgressFn | None = None) -> Ensured:
+        """Make ``text`` local and verified; return where its files are."""
+        started = self.clock.monotonic()
+        ref = self.parse(text)
+        res = await self.resolve(ref)
+        resolved = self.clock.monotonic() - started
+        try:
+            result = await self._ensure(res, started, on_progress)
+            result.resolve_seconds = resolved
+            return result
+        finally:
+            if res.origin is not None:
+                res.origin.close()
+
+    async def _ensure(
+        self, res: _Resolved, started: float, on_progress: ProgressFn | None
+    ) -> Ensured:
+        rev, manifest = res.revision, res.manifest
+        result = Ensured(
+            ref=str(res.ref.with_rev(rev)),
+            revision=rev,
+            snapshot=self.store.snapshot_path(rev),
+            files=self._files(rev, manifest),
+            cache_hit=False,
+            total_bytes=manifest.total_bytes,
+        )
+        if await self._hop(self.store.has_snapshot, rev):
+            result.cache_hit = True
+            await self._hop(self._touch, rev, res.ref.location, manifest)
+            await self._hop(self.index.incr, "hits")
+            if on_progress:
+                on_progress(Progress(manifest.total_bytes, manifest.total_bytes))
+            result.seconds = self.clock.monotonic() - started
+            log.info("ensure.hit ref=%s revision=%s", res.ref.location, rev[:16])
+            return result
+
+        await self._hop(self.index.incr, "misses")
+        unique: dict[str, FileEntry] = {}
+        for f in manifest.files:
+            unique.setdefault(f.blake3, f)
+        await self._hop(self._check_space, res.ref, list(unique.values()))
+        origin = res.origin
+        if origin is None:
+            origin, res.prefix = open_origin(res.ref, self.cfg)
+            res.origin = origin
+
+        stats = FetchStats()
+        done = 0
+        total = manifest.total_bytes
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_progress:
+                on_progress(Progress(min(done, total), total))
+
+        fetcher = self._fetcher()
+        log.info(
+            "ensure.pull ref=%s revision=%s files=%d bytes=%d",
+            res.ref.location, rev[:16], len(unique), total,
+        )
+        await run_all(
+            [
+                self._obtain(origin, res.prefix, entry, fetcher, stats, result, advance)
+                for entry in unique.values()
+            ]
+        )
+        await self._hop(self.store.link_snapshot, rev, manifest)
+        await self._hop(self._touch, rev, res.ref.location, manifest)
+        result.origin_bytes = stats.origin_bytes
+        result.resumed_bytes = stats.resumed_bytes
+        result.retries = stats.retries
+        result.seconds = self.clock.monotonic() - started
+        log.info(
+            "ensure.done ref=%s revision=%s origin_bytes=%d reused_bytes=%d coalesced_bytes=%d "
+            "resumed_bytes=%d retries=%d seconds=%.3f",
+            res.ref.location, rev[:16], result.origin_bytes, result.reused_bytes,
+            result.coalesced_bytes, result.resumed_bytes, result.retries, result.seconds,
+        )
+        return result
+
+    async def _obtain(
+        self,
+        origin: Origin,
+        prefix: str,
+        entry: FileEntry,
+        fetcher: Fetcher,
+        stats: FetchStats,
+        result: Ensured,
+        advance: Callable[[int], None],
+    ) -> None:
+        digest, size = entry.blake3, entry.size
+        if await self._hop(self.store.has_blob, digest, size):
+            result.reused_bytes += size
+            advance(size)
+            return
+        lock = self.store.blob_lock(digest)
+        waited = False
+        while not await self._hop(lock.try_acquire):
+            # Another process on this node is pulling this blob: wait for it, and
+            # take over (resuming its verified chunks) if it dies.
+            waited = True
+            await self.clock.sleep(LOCK_POLL_S * (0.5 + self.rng.random()))
+            if await self._hop(self.store.has_blob, digest, size):
+                break
+        try:
+            if await self._hop(self.store.has_blob, digest, size):
+                if waited:
+                    result.coalesced_bytes += size
+                else:
+                    result.reused_bytes += size
+                advance(size)
+            else:
+                await fetcher.fetch(origin, join_key(prefix, entry.path), entry, stats, advance)
+            await self._hop(self.index.add_blob, digest, size)
+        finally:
+            await self._hop(lock.release, unlink=self.store.has_blob(digest, size))
+
+    def _check_space(self, ref: Ref, entries: list[FileEntry]) -> None:
+        needed = 0
+        for e in entries:
+            if self.store.has_blob(e.blake3, e.size):
+                continue
+            try:
+                allocated = self.store.partial_paths(e.blake3).part.stat().st_blocks * 512
+            except FileNotFoundError:
+                allocated = 0
+            needed += max(0, e.size - allocated)
+        if not needed:
+            return
+        free = self.store.free_bytes()
+        reserve = self.cfg.cache.reserve_bytes
+        if needed + reserve > free:
+            raise CacheFull(
+                f"pulling {ref} needs {needed} bytes and {reserve} must stay free, but only "
+                f"{free} are available on the cache's file system ({self.store.root})",
+                hint="free disk space, remove models from the cache, or lower cache.reserve_bytes",
+                needed_bytes=needed,
+                available_bytes=free,
+                reserve_bytes=reserve,
+            )
+        budget = self.cfg.cache.max_bytes
+        if budget:
+            used = self.store.blob_bytes()
+            if used + needed > budget:
+                raise CacheFull(
+                    f"pulling {ref} needs {needed} bytes; the cache holds {used} of its "
+                    f"{budget}-byte budget",
+                    hint="remove models from the cache or raise cache.max_bytes",
+                    needed_bytes=needed,
+                    used_bytes=used,
+                    budget_bytes=budget,
+                )
+
+    def _touch(self, rev: str, location: str, manifest: Manifest) -> None:
+        self.index.add_snapshot(rev, location, len(manifest.files), manifest.total_bytes)
+        self.index.touch_blobs([f.blake3 for f in manifest.files])
+
+    def _files(self, rev: str, manifest: Manifest) -> list[LocalFile]:
+        snap = self.store.snapshot_path(rev)
+        return [LocalFile(f.path, snap / f.path, f.size, f.blake3) for f in manifest.files]
+
+
+def run_blocking(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion from synchronous code.
+
+    ``load`` may be called from a thread that already runs an event loop (a
+    notebook, an async server): then the work runs on a private thread.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro_fn())
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro_fn())
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="weightcache-embedded")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+def ensure_blocking(
+    text: str, cfg: Config | None = None, on_progress: ProgressFn | None = None
+) -> Ensured:
+    """Embedded mode: pull ``text`` in this process against the configured cache."""
+    config = cfg or load_config()
+
+    async def main() -> Ensured:
+        node = Node(config)
+        try:
+            return await node.ensure(text, on_progress)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, node.close)
+
+    started = time.monotonic()
+    result = run_blocking(main)
+    log.debug("embedded.ensure seconds=%.3f pid=%d", time.monotonic() - started, os.getpid())
+    return result

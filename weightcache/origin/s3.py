@@ -1,0 +1,156 @@
+"""``s3://`` origin through the ``minio`` client: the only module that imports minio.
+
+Every minio/urllib3 exception is translated in :func:`_map_errors`, in one
+place, into the origin contract of :mod:`weightcache.origin.base`. The minio
+client's own urllib3 retries are switched off: retries, backoff and jitter are
+the fetch layer's job, where they are bounded, counted and observable.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+from weightcache.config import S3Config
+from weightcache.errors import (
+    ConfigInvalid,
+    ObjectNotFound,
+    OriginDenied,
+    OriginRejected,
+    OriginUnavailable,
+    WeightcacheError,
+)
+from weightcache.origin.base import ObjectInfo
+
+_PIECE = 1 << 20
+_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"}
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
+
+
+def _classify(status: int, code: str, what: str) -> WeightcacheError:
+    if code in _NOT_FOUND or status == 404:
+        return ObjectNotFound(f"{what} does not exist ({code or status})")
+    if code in _DENIED or status in (401, 403):
+        return OriginDenied(
+            f"{what}: access denied ({code or status})",
+            hint="check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
+        )
+    if status == 429 or status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+        return OriginUnavailable(f"{what}: origin answered {status} {code}".rstrip())
+    return OriginRejected(f"{what}: origin refused the request ({status} {code})".rstrip())
+
+
+@contextmanager
+def _map_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except WeightcacheError:
+        raise
+    except S3Error as exc:
+        status = exc.response.status if exc.response is not None else 0
+        raise _classify(status, exc.code or "", what) from exc
+    except ServerError as exc:
+        raise _classify(exc.status_code, "", what) from exc
+    except InvalidResponseError as exc:
+        raise OriginUnavailable(f"{what}: unexpected response from the origin") from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        # Connection refused or reset, timeouts, bodies cut short (IncompleteRead).
+        raise OriginUnavailable(f"{what}: {type(exc).__name__}") from exc
+
+
+class S3Origin:
+    def __init__(self, bucket: str, cfg: S3Config, *, connect_timeout_s: float = 10.0,
+                 read_timeout_s: float = 60.0, max_connections: int = 32) -> None:
+        url = urlsplit(cfg.endpoint_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigInvalid([f"s3.endpoint_url: not an http(s) URL: {cfg.endpoint_url!r}"])
+        self.bucket = bucket
+        self.name = f"s3://{bucket}"
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
+            maxsize=max_connections,
+            retries=False,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        )
+        self._client = Minio(
+            url.netloc,
+            access_key=cfg.access_key_id or None,
+            secret_key=cfg.secret_access_key or None,
+            secure=url.scheme == "https",
+            region=cfg.region or None,
+            http_client=http,
+        )
+        self._http = http
+
+    def _what(self, key: str) -> str:
+        return f"{self.name}/{key}"
+
+    def read(self, key: str, *, max_bytes: int) -> bytes:
+        with _map_errors(self._what(key)):
+            resp = self._client.get_object(self.bucket, key)
+            try:
+                data = resp.read(max_bytes + 1, decode_content=False)
+            finally:
+                resp.close()
+                resp.release_conn()
+        if len(data) > max_bytes:
+            raise OriginRejected(f"{self._what(key)} is larger than {max_bytes} bytes")
+        return data
+
+    @contextmanager
+    def open_range(self, key: str, offset: int, length: int) -> Iterator[Iterator[bytes]]:
+        what = self._what(key)
+        with _map_errors(what):
+            resp = self._client.get_object(self.bucket, key, offset=offset, length=length)
+
+        def pieces() -> Iterator[bytes]:
+            with _map_errors(what):
+                yield from resp.stream(_PIECE, decode_content=False)
+
+        try:
+            yield pieces()
+        finally:
+            # An unfinished body cannot go back to the pool: drop the connection.
+            resp.close()
+            resp.release_conn()
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        with _map_errors(f"{self.name}/{prefix}/"):
+            for obj in self._client.list_objects(self.bucket, prefix=prefix + "/", recursive=True):
+                if obj.object_name is None or obj.is_dir:
+                    continue
+                yield ObjectInfo(obj.object_name, int(obj.size or 0))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with _map_errors(self._what(key)):
+            self._client.put_object(self.bucket, key, io.BytesIO(data), len(data))
+
+    def write_file(self, key: str, path: Path, *, part_bytes: int) -> None:
+        with _map_errors(self._what(key)):
+            # S3 makes a multipart upload visible only when it completes.
+            self._client.fput_object(self.bucket, key, os.fspath(path), part_size=part_bytes)
+
+    def ensure_bucket(self) -> None:
+        with _map_errors(self.name):
+            if not self._client.bucket_exists(self.bucket):
+                self._client.make_bucket(self.bucket)
+
+    def close(self) -> None:
+        self._http.clear()
+
+    def __repr__(self) -> str:
+        return f"S3Origin({self.name!r})"
+
+    def __reduce__(self) -> Any:  # never pickle credentials into another process
+        raise TypeError("S3Origin cannot be pickled")

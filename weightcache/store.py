@@ -1,0 +1,377 @@
+"""The content-addressed node cache on local disk. Blocking; callers hop to threads.
+
+Layout (see docs/cache-layout.md)::
+
+    CACHE/blobs/<blake3>                   complete, verified, read-only file bodies
+    CACHE/partial/<blake3>.part            a download in progress (preallocated, written in place)
+    CACHE/partial/<blake3>.chunks          which chunks were written and verified (a hint, re-checked)
+    CACHE/partial/<blake3>.lock            flock: one puller per blob on the node
+    CACHE/manifests/<rev>.json             verified manifests (bytes hash to <rev>)
+    CACHE/snapshots/<rev>/<path>           symlinks into blobs/, the whole directory or nothing
+    CACHE/refs/<percent-encoded location>  the revision a ref without @REV resolved to last
+    CACHE/index/                           diskcache metadata (access times, sizes): advisory
+    CACHE/quarantine/                      blobs `verify --repair` found corrupt
+
+The file system is the truth: a path under ``blobs/`` or ``snapshots/`` exists
+only once it is complete and verified, because it appears by ``rename`` of
+something already checked and synced. The index may lag behind a crash; it
+never makes a file count as present.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import stat
+import struct
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from weightcache.errors import CacheCorrupt, CacheFull, HashMismatch
+from weightcache.hashing import digest_bytes, digest_file, is_digest
+from weightcache.manifest import Manifest, parse
+
+log = logging.getLogger(__name__)
+
+_CHUNK_RECORD = struct.Struct("<I")
+_DIRS = ("blobs", "partial", "manifests", "snapshots", "refs", "quarantine")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def map_disk_error(exc: OSError, what: str, needed: int = 0) -> Exception:
+    """ENOSPC/EDQUOT become :class:`CacheFull`; anything else stays an OSError."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CacheFull(f"disk full while {what}", needed_bytes=needed)
+    return exc
+
+
+@dataclass(frozen=True, slots=True)
+class PartialPaths:
+    part: Path
+    chunks: Path
+    lock: Path
+
+
+class BlobLock:
+    """An exclusive ``flock`` on ``partial/<digest>.lock``.
+
+    ``flock`` is released by the kernel when the holder dies (``kill -9``), so a
+    crashed puller never blocks the node. The lock file is unlinked after the
+    blob is committed; a waiter that then wins the lock on the unlinked inode
+    notices (the path no longer names its inode) and retries on a fresh file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # we locked a file someone just unlinked; take the new one
+
+    def release(self, *, unlink: bool = False) -> None:
+        if self._fd is None:
+            return
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.partial = root / "partial"
+        self.manifests = root / "manifests"
+        self.snapshots = root / "snapshots"
+        self.refs = root / "refs"
+        self.quarantine = root / "quarantine"
+        self.index_dir = root / "index"
+
+    def ensure_layout(self) -> None:
+        for name in _DIRS:
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    # -- blobs -------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        assert is_digest(digest), digest
+        return self.blobs / digest
+
+    def has_blob(self, digest: str, size: int) -> bool:
+        try:
+            return self.blob_path(digest).stat().st_size == size
+        except FileNotFoundError:
+            return False
+
+    def partial_paths(self, digest: str) -> PartialPaths:
+        assert is_digest(digest), digest
+        base = self.partial / digest
+        return PartialPaths(
+            part=base.with_suffix(".part"),
+            chunks=base.with_suffix(".chunks"),
+            lock=base.with_suffix(".lock"),
+        )
+
+    def blob_lock(self, digest: str) -> BlobLock:
+        return BlobLock(self.partial_paths(digest).lock)
+
+    def open_part(self, digest: str, size: int) -> None:
+        """Create (or keep) the preallocated part file, so a full disk shows now, not halfway."""
+        paths = self.partial_paths(digest)
+        fd = os.open(paths.part, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+            if size:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise CacheFull(
+                            f"no room to preallocate {size} bytes for blob {digest[:16]}",
+                            needed_bytes=size,
+                        ) from exc
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+        finally:
+            os.close(fd)
+
+    def read_chunk_log(self, digest: str) -> set[int]:
+        """Chunks a previous puller recorded as verified. Only a hint: callers re-hash them."""
+        try:
+            data = self.partial_paths(digest).chunks.read_bytes()
+        except FileNotFoundError:
+            return set()
+        usable = len(data) - len(data) % _CHUNK_RECORD.size  # a torn last record is dropped
+        return {v for (v,) in _CHUNK_RECORD.iter_unpack(data[:usable])}
+
+    def record_chunk(self, digest: str, index: int) -> None:
+        # O_APPEND writes of 4 bytes do not interleave; no fsync: the record is a
+        # hint that the resume path verifies before trusting.
+        fd = os.open(self.partial_paths(digest).chunks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, _CHUNK_RECORD.pack(index))
+        finally:
+            os.close(fd)
+
+    def reset_chunk_log(self, digest: str, indices: set[int]) -> None:
+        path = self.partial_paths(digest).chunks
+        path.write_bytes(b"".join(_CHUNK_RECORD.pack(i) for i in sorted(indices)))
+
+    def commit_blob(self, digest: str, size: int) -> Path:
+        """Move a finished part file into ``blobs/``: size check, hash check, fsync, rename.
+
+        Raises :class:`HashMismatch` (and leaves the part file for the caller to
+        repair) when the whole file does not hash to ``digest``.
+        """
+        paths = self.partial_paths(digest)
+        actual_size = paths.part.stat().st_size
+        if actual_size != size:
+            raise HashMismatch(
+                f"part file of blob {digest} is {actual_size} bytes, expected {size}",
+                expected=digest,
+            )
+        actual = digest_file(paths.part)
+        if actual != digest:
+            raise HashMismatch(
+                f"assembled blob hashes to {actual}, expected {digest}",
+                expected=digest,
+                actual=actual,
+            )
+        fd = os.open(paths.part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(paths.part, 0o444)
+        target = self.blob_path(digest)
+        os.replace(paths.part, target)
+        fsync_dir(self.blobs)
+        for leftover in (paths.chunks,):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+        return target
+
+    def iter_blobs(self) -> Iterator[tuple[str, int]]:
+        for entry in os.scandir(self.blobs):
+            if is_digest(entry.name) and entry.is_file(follow_symlinks=False):
+                yield entry.name, entry.stat().st_size
+
+    def quarantine_blob(self, digest: str) -> Path:
+        target = self.quarantine / f"{digest}.{uuid.uuid4().hex[:8]}"
+        os.replace(self.blob_path(digest), target)
+        fsync_dir(self.blobs)
+        return target
+
+    # -- manifests -------------------------------------------------------------
+
+    def manifest_path(self, rev: str) -> Path:
+        assert is_digest(rev), rev
+        return self.manifests / f"{rev}.json"
+
+    def save_manifest(self, rev: str, raw: bytes) -> None:
+        if digest_bytes(raw) != rev:
+            raise HashMismatch(f"manifest bytes do not hash to revision {rev}", expected=rev)
+        path = self.manifest_path(rev)
+        if path.exists():
+            return
+        self._atomic_write(path, raw)
+
+    def load_manifest(self, rev: str) -> Manifest | None:
+        try:
+            raw = self.manifest_path(rev).read_bytes()
+        except FileNotFoundError:
+            return None
+        manifest, actual = parse(raw)
+        if actual != rev:
+            raise CacheCorrupt(
+                f"cached manifest {rev} hashes to {actual}",
+                hint="run `weightcache verify --repair`",
+            )
+        return manifest
+
+    def revisions(self) -> list[str]:
+        return sorted(p.name[:-5] for p in self.manifests.glob("*.json") if is_digest(p.name[:-5]))
+
+    # -- snapshots -------------------------------------------------------------
+
+    def snapshot_path(self, rev: str) -> Path:
+        assert is_digest(rev), rev
+        return self.snapshots / rev
+
+    def has_snapshot(self, rev: str) -> bool:
+        return self.snapshot_path(rev).is_dir()
+
+    def link_snapshot(self, rev: str, manifest: Manifest) -> Path:
+        """Publish ``snapshots/<rev>/`` atomically: built aside, then renamed into place.
+
+        Every blob must already be committed; a reader that sees the directory
+        sees every file of the revision.
+        """
+        target = self.snapshot_path(rev)
+        if target.is_dir():
+            return target
+        for f in manifest.files:
+            if not self.has_blob(f.blake3, f.size):
+                raise CacheCorrupt(f"blob {f.blake3} for {f.path} is missing; cannot link {rev}")
+        work = Path(tempfile.mkdtemp(dir=self.snapshots, prefix=f".tmp-{rev[:16]}-"))
+        try:
+            os.chmod(work, 0o755)  # mkdtemp makes 0700; workers may run as other users
+            for f in manifest.files:
+                link = work / f.path
+                link.parent.mkdir(parents=True, exist_ok=True)
+                # Relative links keep the cache relocatable (bind mounts, containers).
+                rel = os.path.relpath(self.blob_path(f.blake3), target / Path(f.path).parent)
+                os.symlink(rel, link)
+            try:
+                os.rename(work, target)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    shutil.rmtree(work, ignore_errors=True)  # another puller won the race
+                    return target
+                raise
+            fsync_dir(self.snapshots)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return target
+
+    def remove_snapshot(self, rev: str) -> None:
+        target = self.snapshot_path(rev)
+        if not target.exists():
+            return
+        # Rename first so that no reader ever sees a half-removed snapshot.
+        doomed = self.snapshots / f".del-{rev[:16]}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def snapshot_revisions(self) -> list[str]:
+        return sorted(p.name for p in self.snapshots.iterdir() if is_digest(p.name) and p.is_dir())
+
+    # -- refs ------------------------------------------------------------------
+
+    def set_ref(self, location_key: str, rev: str) -> None:
+        self._atomic_write(self.refs / location_key, rev.encode())
+
+    def get_ref(self, location_key: str) -> str | None:
+        try:
+            value = (self.refs / location_key).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return value if is_digest(value) else None
+
+    def iter_refs(self) -> Iterator[tuple[str, str]]:
+        for p in self.refs.iterdir():
+            rev = self.get_ref(p.name)
+            if rev:
+                yield p.name, rev
+
+    # -- space -------------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def blob_bytes(self) -> int:
+        return sum(size for _, size in self.iter_blobs())
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        """temp file → write → fsync → rename → fsync dir."""
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        fsync_dir(path.parent)
+
+
+@contextmanager
+def _noop() -> Iterator[None]:
+    yield
+
+
+def is_read_only(path: Path) -> bool:
+    return not (path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
