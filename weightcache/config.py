@@ -44,8 +44,10 @@ def parse_size(text: str) -> int:
     return number * _UNITS[unit[:1]]
 
 
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def _default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    home = env.get("HOME") or os.path.expanduser("~")
+    base = env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     return Path(base) / "weightcache"
 
 
@@ -274,6 +276,7 @@ def load_config(
 
     if problems:
         raise ConfigInvalid(problems)
+    values["cache"].setdefault("dir", _default_cache_dir(env))
     cfg = Config(**{s: _SECTIONS[s](**values[s]) for s in _SECTIONS})
     problems = _check(cfg)
     if problems:

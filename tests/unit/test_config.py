@@ -1,0 +1,91 @@
+"""Configuration: layering and validation with dotted paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from weightcache.config import GiB, MiB, load_config, parse_size
+from weightcache.errors import ConfigInvalid
+
+
+def test_defaults_without_anything() -> None:
+    cfg = load_config(env={"HOME": "/home/x"})
+    assert cfg.cache.dir == Path("/home/x/.cache/weightcache")
+    assert cfg.fetch.concurrency == 8
+    assert cfg.publish.chunk_bytes == 16 * MiB
+
+
+def test_layers_file_env_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "wc.toml"
+    toml.write_text(
+        '[cache]\ndir = "/data/wc"\nreserve_bytes = "2GiB"\n[fetch]\nconcurrency = 4\nretries = 3\n'
+    )
+    env = {
+        "WEIGHTCACHE_FETCH_CONCURRENCY": "6",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "AWS_ACCESS_KEY_ID": "id",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+    }
+    cfg = load_config(toml, env=env, overrides={"cache.dir": "/flag/wc"})
+    assert cfg.cache.dir == Path("/flag/wc")
+    assert cfg.cache.reserve_bytes == 2 * GiB
+    assert cfg.fetch.concurrency == 6
+    assert cfg.fetch.retries == 3
+    assert cfg.s3.endpoint_url == "http://127.0.0.1:9000"
+    assert cfg.s3.secret_access_key == "secret"
+    assert "secret" not in repr(cfg)
+
+
+def test_every_problem_reported_with_its_path(tmp_path: Path) -> None:
+    toml = tmp_path / "wc.toml"
+    toml.write_text(
+        '[fetch]\nconcurrency = 0\nretries = "many"\nbogus = 1\n[nosuch]\nx = 1\n'
+        '[s3]\nsecret_access_key = "leak"\n'
+    )
+    with pytest.raises(ConfigInvalid) as info:
+        load_config(toml, env={})
+    problems = info.value.problems
+    joined = "\n".join(problems)
+    assert "fetch.retries: must be an integer" in joined
+    assert "fetch.bogus: unknown option" in joined
+    assert "nosuch: unknown section" in joined
+    assert "s3.secret_access_key: credentials are read from AWS_" in joined
+    assert "leak" not in joined
+
+
+def test_range_checks_after_types() -> None:
+    with pytest.raises(ConfigInvalid) as info:
+        load_config(env={"WEIGHTCACHE_FETCH_CONCURRENCY": "0", "WEIGHTCACHE_PUBLISH_CHUNK_BYTES": "1"})
+    joined = "\n".join(info.value.problems)
+    assert "fetch.concurrency: must be in 1..256, got 0" in joined
+    assert "publish.chunk_bytes" in joined
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    with pytest.raises(ConfigInvalid) as info:
+        load_config(env={"WEIGHTCACHE_CACHE_RESERVE_BYTES": "lots"})
+    assert "WEIGHTCACHE_CACHE_RESERVE_BYTES" in info.value.problems[0]
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigInvalid, match="No such file"):
+        load_config(tmp_path / "missing.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cache\n")
+    with pytest.raises(ConfigInvalid, match="bad.toml"):
+        load_config(bad, env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("4096", 4096), ("64MiB", 64 * MiB), ("2GiB", 2 * GiB), ("1GB", 10**9), ("3k", 3000), ("5 mib", 5 * MiB)],
+)
+def test_sizes(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+def test_bad_size() -> None:
+    with pytest.raises(ValueError, match="not a byte size"):
+        parse_size("12 parsecs")
