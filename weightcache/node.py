@@ -30,7 +30,15 @@ from weightcache.errors import (
     OriginUnavailable,
     RevisionAmbiguous,
 )
-from weightcache.fetch import Clock, Fetcher, FetchStats, RealClock, TokenBucket, run_all
+from weightcache.fetch import (
+    Clock,
+    Fetcher,
+    FetchStats,
+    RealClock,
+    TokenBucket,
+    backoff_delay,
+    run_all,
+)
 from weightcache.hashing import is_digest
 from weightcache.index import Index
 from weightcache.manifest import (
@@ -162,10 +170,10 @@ class Node:
         origin, prefix = open_origin(ref, self.cfg)
         try:
             if ref.rev:
-                revision, raw = await self._hop(self._read_revision, origin, prefix, ref)
+                revision, raw = await self._retrying(self._read_revision, origin, prefix, ref)
             else:
                 try:
-                    raw = await self._hop(
+                    raw = await self._retrying(
                         origin.read, join_key(prefix, MANIFEST_NAME), max_bytes=MAX_MANIFEST_BYTES
                     )
                 except ObjectNotFound as exc:
@@ -202,6 +210,20 @@ class Node:
             origin.close()
             raise
         return _Resolved(ref, revision, manifest, origin, prefix)
+
+    async def _retrying(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A small origin call (a manifest, a listing) with the fetch retry policy."""
+        policy = self.cfg.fetch
+        for attempt in range(policy.retries + 1):
+            try:
+                return await self._hop(fn, *args, **kwargs)
+            except OriginUnavailable as exc:
+                if attempt == policy.retries:
+                    raise
+                delay = backoff_delay(attempt, policy.backoff_base_s, policy.backoff_max_s, self.rng)
+                log.info("resolve.retry attempt=%d delay_s=%.3f reason=%s", attempt + 1, delay, exc.message)
+                await self.clock.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _local_revision(self, ref: Ref) -> str | None:
         assert ref.rev
