@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+
 from weightcache.client.dtypes import torch_dtype, torch_shape
 from weightcache.client.header import TensorSpec, read_header_fd
 

@@ -29,7 +29,8 @@ def load(ref: str, device: Any = "cpu", **kwargs: Any) -> dict[str, torch.Tensor
     """
     from weightcache.client import loader
 
-    return loader.load(ref, device, **kwargs)
+    tensors: dict[str, torch.Tensor] = loader.load(ref, device, **kwargs)
+    return tensors
 
 
 def load_with_report(
@@ -38,11 +39,15 @@ def load_with_report(
     """Like :func:`load`, and also return the phase timings and byte counts."""
     from weightcache.client import loader
 
-    return loader.load_with_report(ref, device, **kwargs)
+    result: tuple[dict[str, torch.Tensor], LoadReport] = loader.load_with_report(
+        ref, device, **kwargs
+    )
+    return result
 
 
 def open(ref: str, **kwargs: Any) -> Path:
     """Make ``ref`` local and return its snapshot directory (every file, not only tensors)."""
     from weightcache.client import loader
 
-    return loader.open_snapshot(ref, **kwargs)
+    snapshot: Path = loader.open_snapshot(ref, **kwargs)
+    return snapshot

@@ -135,7 +135,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     index = Index(store.index_dir)
     try:
         latest = {rev: key for key, rev in store.iter_refs()}
-        rows = []
+        rows: list[dict[str, Any]] = []
         for rev in store.snapshot_revisions():
             manifest = store.load_manifest(rev)
             rec = index.snapshot(rev)
@@ -153,11 +153,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
     finally:
         index.close()
     if args.json:
-        print(json.dumps({"cache_dir": str(cfg.cache.dir), "blob_bytes": blob_bytes, "models": rows}, indent=2))
+        print(
+            json.dumps(
+                {"cache_dir": str(cfg.cache.dir), "blob_bytes": blob_bytes, "models": rows},
+                indent=2,
+            )
+        )
         return 0
     print(f"cache {cfg.cache.dir}: {len(rows)} revisions, {_human(blob_bytes)} in blobs")
     for r in rows:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["accessed"])) if r["accessed"] else "-"
+        when = (
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r["accessed"])) if r["accessed"] else "-"
+        )
         mark = "*" if r["latest"] else " "
         print(
             f"{mark} {r['revision'][:16]}  {_human(r['bytes']):>10}  {r['files']:>4} files  "
@@ -208,7 +215,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.json:
         doc = dict(vars(report))
-        doc.update(clean=report.clean, problems=report.problems, refetched=refetched, refetch_failed=failed)
+        doc.update(
+            clean=report.clean, problems=report.problems, refetched=refetched, refetch_failed=failed
+        )
         print(json.dumps(doc, indent=2))
     else:
         print(
@@ -245,7 +254,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from weightcache.demo import run_demo
 
-    return run_demo(size_mb=args.size_mb, workers=args.workers)
+    status: int = run_demo(size_mb=args.size_mb, workers=args.workers)
+    return status
 
 
 # -- entry point -------------------------------------------------------------
@@ -261,12 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", help="cache directory (default: $WEIGHTCACHE_CACHE_DIR)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("publish", parents=[common], help="upload a local model directory and its manifest")
+    p = sub.add_parser(
+        "publish", parents=[common], help="upload a local model directory and its manifest"
+    )
     p.add_argument("dir")
     p.add_argument("ref")
     p.set_defaults(func=cmd_publish)
 
-    p = sub.add_parser("index", parents=[common], help="write a manifest for objects already uploaded")
+    p = sub.add_parser(
+        "index", parents=[common], help="write a manifest for objects already uploaded"
+    )
     p.add_argument("ref")
     p.set_defaults(func=cmd_index)
 
@@ -280,13 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("verify", parents=[common], help="re-hash the cache and reconcile the index")
-    p.add_argument("--repair", action="store_true", help="quarantine corrupt blobs and pull them again")
+    p.add_argument(
+        "--repair", action="store_true", help="quarantine corrupt blobs and pull them again"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("demo", help="what `make demo` runs: local S3, publish, load from two processes")
+    p = sub.add_parser(
+        "demo", help="what `make demo` runs: local S3, publish, load from two processes"
+    )
     p.add_argument("--size-mb", type=int, default=384, help="synthetic model size (default 384)")
-    p.add_argument("--workers", type=int, default=2, help="concurrent loading processes (default 2)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="concurrent loading processes (default 2)"
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -294,7 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    level = (
+        logging.WARNING
+        if args.verbose == 0
+        else logging.INFO
+        if args.verbose == 1
+        else logging.DEBUG
+    )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return int(args.func(args))

@@ -134,7 +134,16 @@ def _coerce(value: Any, hint: Any, name: str, from_text: bool) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if from_text and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if from_text and str(value).lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
             return str(value).lower() in ("1", "true", "yes", "on")
         raise ValueError(f"must be true or false, got {value!r}")
     if hint is int:
@@ -197,7 +206,12 @@ def _check(cfg: Config) -> list[str]:
         "must be in 4KiB..1GiB",
         p.chunk_bytes,
     )
-    need(5 * MiB <= p.part_bytes <= 5 * GiB, "publish.part_bytes", "must be in 5MiB..5GiB", p.part_bytes)
+    need(
+        5 * MiB <= p.part_bytes <= 5 * GiB,
+        "publish.part_bytes",
+        "must be in 5MiB..5GiB",
+        p.part_bytes,
+    )
     need(
         cfg.s3.endpoint_url.startswith(("http://", "https://")),
         "s3.endpoint_url",

@@ -166,7 +166,9 @@ class Fetcher:
             stats.add(resumed_bytes=resumed)
             if on_bytes:
                 on_bytes(resumed)
-            log.info("fetch.resumed blob=%s chunks=%d/%d", digest[:16], len(done), len(entry.chunks))
+            log.info(
+                "fetch.resumed blob=%s chunks=%d/%d", digest[:16], len(done), len(entry.chunks)
+            )
         todo = [i for i in range(len(entry.chunks)) if i not in done]
         for _round in range(2):
             await self._fetch_chunks(origin, key, entry, todo, stats, on_bytes)
@@ -192,9 +194,7 @@ class Fetcher:
     def _verified_chunks(self, entry: FileEntry, check_all: bool = False) -> set[int]:
         """Chunks already in the part file with the right hash (runs in a worker thread)."""
         claimed = (
-            set(range(len(entry.chunks)))
-            if check_all
-            else self.store.read_chunk_log(entry.blake3)
+            set(range(len(entry.chunks))) if check_all else self.store.read_chunk_log(entry.blake3)
         )
         claimed &= set(range(len(entry.chunks)))
         if not claimed:
@@ -277,14 +277,12 @@ class Fetcher:
             if isinstance(error, _ChunkHashMismatch):
                 corrupt += 1
                 stats.add(hash_failures=1)
-                log.warning(
-                    "fetch.chunk_mismatch key=%s chunk=%d attempt=%d", key, index, corrupt
-                )
+                log.warning("fetch.chunk_mismatch key=%s chunk=%d attempt=%d", key, index, corrupt)
                 if corrupt > self.policy.hash_retries:
                     raise HashMismatch(
-                        f"{origin.name}/{key}: chunk {index} (bytes {offset}-{offset + length - 1}) "
-                        f"of {entry.path} hashes to {error.actual}, expected {expected}, "
-                        f"after {corrupt} attempts",
+                        f"{origin.name}/{key}: chunk {index} "
+                        f"(bytes {offset}-{offset + length - 1}) of {entry.path} hashes to "
+                        f"{error.actual}, expected {expected}, after {corrupt} attempts",
                         hint="the object changed at the origin after it was published; "
                         "republish it or fix the object",
                         path=entry.path,
@@ -310,7 +308,11 @@ class Fetcher:
             stats.add(retries=1)
             log.info(
                 "fetch.retry key=%s chunk=%d attempt=%d delay_s=%.3f reason=%s",
-                key, index, transient, delay, error.message,
+                key,
+                index,
+                transient,
+                delay,
+                error.message,
             )
             await self.clock.sleep(delay)
 

@@ -135,14 +135,16 @@ def _entry(raw: Any, index: int) -> FileEntry:
     if problem:
         raise _bad(f"{where}.path {path!r}: {problem}", path=repr(path))
     assert isinstance(path, str)
-    if path == MANIFEST_NAME or path == RESERVED_DIR or path.startswith(RESERVED_DIR + "/"):
+    if path in (MANIFEST_NAME, RESERVED_DIR) or path.startswith(RESERVED_DIR + "/"):
         raise _bad(f"{where}.path {path!r} is reserved for weightcache itself", path=path)
     size = _int_field(raw, "size", where)
     if not 0 <= size <= MAX_FILE_SIZE:
         raise _bad(f"{where}.size {size} out of range 0..{MAX_FILE_SIZE}", path=path)
     chunk_size = _int_field(raw, "chunk_size", where)
     if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
-        raise _bad(f"{where}.chunk_size {chunk_size} out of range {MIN_CHUNK}..{MAX_CHUNK}", path=path)
+        raise _bad(
+            f"{where}.chunk_size {chunk_size} out of range {MIN_CHUNK}..{MAX_CHUNK}", path=path
+        )
     digest = raw.get("blake3")
     if not is_digest(digest):
         raise _bad(f"{where}.blake3 must be 64 lower-case hex characters", path=path)

@@ -190,7 +190,8 @@ class Node:
                     origin.close()
                     log.warning(
                         "resolve.offline ref=%s revision=%s reason=origin unavailable",
-                        ref.location, offline.revision,
+                        ref.location,
+                        offline.revision,
                     )
                     return offline
                 revision = ""
@@ -220,8 +221,15 @@ class Node:
             except OriginUnavailable as exc:
                 if attempt == policy.retries:
                     raise
-                delay = backoff_delay(attempt, policy.backoff_base_s, policy.backoff_max_s, self.rng)
-                log.info("resolve.retry attempt=%d delay_s=%.3f reason=%s", attempt + 1, delay, exc.message)
+                delay = backoff_delay(
+                    attempt, policy.backoff_base_s, policy.backoff_max_s, self.rng
+                )
+                log.info(
+                    "resolve.retry attempt=%d delay_s=%.3f reason=%s",
+                    attempt + 1,
+                    delay,
+                    exc.message,
+                )
                 await self.clock.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -339,7 +347,10 @@ class Node:
         fetcher = self._fetcher()
         log.info(
             "ensure.pull ref=%s revision=%s files=%d bytes=%d",
-            res.ref.location, rev[:16], len(unique), total,
+            res.ref.location,
+            rev[:16],
+            len(unique),
+            total,
         )
         await run_all(
             [
@@ -356,8 +367,14 @@ class Node:
         log.info(
             "ensure.done ref=%s revision=%s origin_bytes=%d reused_bytes=%d coalesced_bytes=%d "
             "resumed_bytes=%d retries=%d seconds=%.3f",
-            res.ref.location, rev[:16], result.origin_bytes, result.reused_bytes,
-            result.coalesced_bytes, result.resumed_bytes, result.retries, result.seconds,
+            res.ref.location,
+            rev[:16],
+            result.origin_bytes,
+            result.reused_bytes,
+            result.coalesced_bytes,
+            result.resumed_bytes,
+            result.retries,
+            result.seconds,
         )
         return result
 

@@ -44,7 +44,7 @@ class Published:
 
 
 def _is_ours(rel: str) -> bool:
-    return rel == MANIFEST_NAME or rel == RESERVED_DIR or rel.startswith(RESERVED_DIR + "/")
+    return rel in (MANIFEST_NAME, RESERVED_DIR) or rel.startswith(RESERVED_DIR + "/")
 
 
 def local_files(directory: Path) -> list[tuple[str, Path]]:
@@ -90,9 +90,7 @@ def _check_target(ref: Ref) -> None:
         )
 
 
-def publish(
-    directory: Path, ref: Ref, cfg: Config, *, on_file: FileFn | None = None
-) -> Published:
+def publish(directory: Path, ref: Ref, cfg: Config, *, on_file: FileFn | None = None) -> Published:
     """Hash and upload every file of ``directory``, then its manifest."""
     _check_target(ref)
     files = local_files(directory)
@@ -103,7 +101,9 @@ def publish(
         if ensure_bucket is not None:
             ensure_bucket()
         workers = min(8, max(2, os.cpu_count() or 2))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightcache-publish") as ex:
+        with ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="weightcache-publish"
+        ) as ex:
             digests: list[FileDigest] = list(ex.map(lambda f: digest_path(f[1], chunk), files))
 
             def upload(item: tuple[tuple[str, Path], FileDigest]) -> int:

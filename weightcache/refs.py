@@ -20,7 +20,7 @@ from weightcache.manifest import path_problem
 
 MIN_REV_PREFIX = 6
 MAX_REF_LEN = 2048
-_REV = re.compile(r"[0-9a-f]{%d,64}" % MIN_REV_PREFIX)
+_REV = re.compile(rf"[0-9a-f]{{{MIN_REV_PREFIX},64}}")
 # S3 bucket naming rules (the subset every S3-compatible store accepts).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 

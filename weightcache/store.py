@@ -4,7 +4,7 @@ Layout (see docs/cache-layout.md)::
 
     CACHE/blobs/<blake3>                   complete, verified, read-only file bodies
     CACHE/partial/<blake3>.part            a download in progress (preallocated, written in place)
-    CACHE/partial/<blake3>.chunks          which chunks were written and verified (a hint, re-checked)
+    CACHE/partial/<blake3>.chunks          chunks written and verified (a hint, re-checked)
     CACHE/partial/<blake3>.lock            flock: one puller per blob on the node
     CACHE/manifests/<rev>.json             verified manifests (bytes hash to <rev>)
     CACHE/snapshots/<rev>/<path>           symlinks into blobs/, the whole directory or nothing
@@ -30,7 +30,7 @@ import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,10 +100,8 @@ class BlobLock:
         if self._fd is None:
             return
         if unlink:
-            try:
+            with suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
         os.close(self._fd)  # closing the descriptor releases the flock
         self._fd = None
 
@@ -180,7 +178,9 @@ class Store:
     def record_chunk(self, digest: str, index: int) -> None:
         # O_APPEND writes of 4 bytes do not interleave; no fsync: the record is a
         # hint that the resume path verifies before trusting.
-        fd = os.open(self.partial_paths(digest).chunks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(
+            self.partial_paths(digest).chunks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+        )
         try:
             os.write(fd, _CHUNK_RECORD.pack(index))
         finally:
@@ -220,10 +220,8 @@ class Store:
         os.replace(paths.part, target)
         fsync_dir(self.blobs)
         for leftover in (paths.chunks,):
-            try:
+            with suppress(FileNotFoundError):
                 os.unlink(leftover)
-            except FileNotFoundError:
-                pass
         return target
 
     def iter_blobs(self) -> Iterator[tuple[str, int]]:
@@ -360,10 +358,8 @@ class Store:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            try:
+            with suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
             raise
         fsync_dir(path.parent)
 

@@ -10,6 +10,7 @@ the files. Nothing verified is ever deleted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -57,7 +58,9 @@ class VerifyReport:
 BlobFn = Callable[[str, int], None]
 
 
-def verify(store: Store, index: Index, *, repair: bool = False, on_blob: BlobFn | None = None) -> VerifyReport:
+def verify(
+    store: Store, index: Index, *, repair: bool = False, on_blob: BlobFn | None = None
+) -> VerifyReport:
     report = VerifyReport()
 
     for digest, size in sorted(store.iter_blobs()):
@@ -129,10 +132,8 @@ def verify(store: Store, index: Index, *, repair: bool = False, on_blob: BlobFn 
 
 def _snapshot_problem(store: Store, rev: str) -> str | None:
     manifest = None
-    try:
+    with contextlib.suppress(WeightcacheError):
         manifest = store.load_manifest(rev)
-    except WeightcacheError:
-        pass
     if manifest is None:
         return "its manifest is missing or corrupt"
     root = store.snapshot_path(rev)

@@ -35,17 +35,28 @@ def test_kill_9_at_several_points_then_resume(s3: Any, tmp_path: Path) -> None:
     (model / "config.json").write_text("{}")
     total = sum(p.stat().st_size for p in model.iterdir())
     ref = f"s3://{s3.bucket}/crash/model"
-    publish(model, parse_ref(ref), load_config(env={**os.environ, "WEIGHTCACHE_PUBLISH_CHUNK_BYTES": "1MiB"}))
+    publish(
+        model,
+        parse_ref(ref),
+        load_config(env={**os.environ, "WEIGHTCACHE_PUBLISH_CHUNK_BYTES": "1MiB"}),
+    )
     cache = Path(os.environ["WEIGHTCACHE_CACHE_DIR"])
     before = s3.sent_bytes()
 
     # A throttled puller (16 MiB/s, 2 connections) so a kill lands mid-pull.
-    slow = {**os.environ, "WEIGHTCACHE_FETCH_MAX_BYTES_PER_S": str(16 * MiB), "WEIGHTCACHE_FETCH_CONCURRENCY": "2"}
+    slow = {
+        **os.environ,
+        "WEIGHTCACHE_FETCH_MAX_BYTES_PER_S": str(16 * MiB),
+        "WEIGHTCACHE_FETCH_CONCURRENCY": "2",
+    }
     n_chunks = 48
     for fraction in (0.2, 0.45, 0.7, 0.9):
         proc = subprocess.Popen(
             [sys.executable, "-m", "weightcache", "fetch", ref],
-            env=slow, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=slow,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 60
         while chunks_done(cache) < fraction * n_chunks:
@@ -63,7 +74,11 @@ def test_kill_9_at_several_points_then_resume(s3: Any, tmp_path: Path) -> None:
 
     out = subprocess.run(
         [sys.executable, "-m", "weightcache", "fetch", ref, "--json"],
-        env=os.environ, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=os.environ,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -75,6 +90,10 @@ def test_kill_9_at_several_points_then_resume(s3: Any, tmp_path: Path) -> None:
     sent = s3.sent_bytes() - before
     assert sent <= 1.3 * total, f"origin sent {sent / total:.2f}x the model"
     verify = subprocess.run(
-        [sys.executable, "-m", "weightcache", "verify"], env=os.environ, cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "weightcache", "verify"],
+        env=os.environ,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert verify.returncode == 0 and "no problems found" in verify.stdout

@@ -18,7 +18,9 @@ from weightcache.refs import parse_ref
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_workers(ref: str, n: int, barrier: Path, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
+def start_workers(
+    ref: str, n: int, barrier: Path, extra_env: dict[str, str] | None = None
+) -> list[subprocess.Popen[str]]:
     env = {**os.environ, **(extra_env or {})}
     return [
         subprocess.Popen(

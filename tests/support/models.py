@@ -24,7 +24,9 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generat
     return raw.view(dtype).reshape(shape)
 
 
-def write_model(directory: Path, *, shards: int = 3, seed: int = 0, big: int = 0) -> dict[str, Path]:
+def write_model(
+    directory: Path, *, shards: int = 3, seed: int = 0, big: int = 0
+) -> dict[str, Path]:
     """Shards covering every dtype, empty and scalar tensors, plus index.json and config files.
 
     ``big`` adds one uint8 tensor of that many bytes to the first shard.
@@ -82,4 +84,7 @@ def assert_bitwise_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
         assert g.dtype == w.dtype, name
         assert g.shape == w.shape, name
         if w.numel():
-            assert torch.equal(g.contiguous().reshape(-1).view(torch.uint8), w.contiguous().reshape(-1).view(torch.uint8)), name
+            assert torch.equal(
+                g.contiguous().reshape(-1).view(torch.uint8),
+                w.contiguous().reshape(-1).view(torch.uint8),
+            ), name

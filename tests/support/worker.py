@@ -37,7 +37,11 @@ def main() -> int:
     except WeightcacheError as exc:
         print(json.dumps({"error": exc.code, "message": str(exc)}))
         return 1
-    print(json.dumps({"report": report.to_json(), "digest": tensors_digest(tensors), "n": len(tensors)}))
+    print(
+        json.dumps(
+            {"report": report.to_json(), "digest": tensors_digest(tensors), "n": len(tensors)}
+        )
+    )
     sys.stdout.flush()
     return 0
 

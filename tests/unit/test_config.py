@@ -57,7 +57,9 @@ def test_every_problem_reported_with_its_path(tmp_path: Path) -> None:
 
 def test_range_checks_after_types() -> None:
     with pytest.raises(ConfigInvalid) as info:
-        load_config(env={"WEIGHTCACHE_FETCH_CONCURRENCY": "0", "WEIGHTCACHE_PUBLISH_CHUNK_BYTES": "1"})
+        load_config(
+            env={"WEIGHTCACHE_FETCH_CONCURRENCY": "0", "WEIGHTCACHE_PUBLISH_CHUNK_BYTES": "1"}
+        )
     joined = "\n".join(info.value.problems)
     assert "fetch.concurrency: must be in 1..256, got 0" in joined
     assert "publish.chunk_bytes" in joined
@@ -74,13 +76,20 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.toml", env={})
     bad = tmp_path / "bad.toml"
     bad.write_text("[cache\n")
-    with pytest.raises(ConfigInvalid, match="bad.toml"):
+    with pytest.raises(ConfigInvalid, match=r"bad\.toml"):
         load_config(bad, env={})
 
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("64MiB", 64 * MiB), ("2GiB", 2 * GiB), ("1GB", 10**9), ("3k", 3000), ("5 mib", 5 * MiB)],
+    [
+        ("4096", 4096),
+        ("64MiB", 64 * MiB),
+        ("2GiB", 2 * GiB),
+        ("1GB", 10**9),
+        ("3k", 3000),
+        ("5 mib", 5 * MiB),
+    ],
 )
 def test_sizes(text: str, value: int) -> None:
     assert parse_size(text) == value

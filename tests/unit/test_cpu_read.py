@@ -19,7 +19,6 @@ from weightcache.client.cpu import read_file  # noqa: E402
 from weightcache.client.dtypes import torch_dtype, torch_shape  # noqa: E402
 from weightcache.client.header import DTYPE_BITS  # noqa: E402
 from weightcache.client.selection import make_selector  # noqa: E402
-
 from weightcache.errors import HeaderInvalid  # noqa: E402
 
 FLOAT_NANS = {

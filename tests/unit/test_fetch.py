@@ -1,4 +1,7 @@
-"""Fetching one blob: retries, backoff, hash re-fetch, resume. Real files, a fault seam, a fake clock."""
+"""Fetching one blob: retries, backoff, hash re-fetch, resume.
+
+Real files, a fault seam, a fake clock.
+"""
 
 from __future__ import annotations
 
@@ -43,15 +46,23 @@ def store(tmp_path: Path) -> Store:
 
 
 def run_fetch(
-    store: Store, origin: FaultyOrigin | FileOrigin, entry: FileEntry, clock: FakeClock, **policy: int | float
+    store: Store,
+    origin: FaultyOrigin | FileOrigin,
+    entry: FileEntry,
+    clock: FakeClock,
+    **policy: int | float,
 ) -> FetchStats:
-    cfg = FetchConfig(concurrency=3, retries=4, hash_retries=2, backoff_base_s=0.5, backoff_max_s=4.0)
+    cfg = FetchConfig(
+        concurrency=3, retries=4, hash_retries=2, backoff_base_s=0.5, backoff_max_s=4.0
+    )
     cfg = FetchConfig(**{**cfg.__dict__, **policy})
     stats = FetchStats()
 
     async def main() -> None:
         with ThreadPoolExecutor(4) as pool:
-            fetcher = Fetcher(store=store, policy=cfg, executor=pool, clock=clock, rng=random.Random(1))
+            fetcher = Fetcher(
+                store=store, policy=cfg, executor=pool, clock=clock, rng=random.Random(1)
+            )
             await fetcher.fetch(origin, entry.path, entry, stats)
 
     asyncio.run(main())
@@ -62,7 +73,9 @@ def visible(store: Store) -> list[str]:
     return sorted(os.listdir(store.blobs)) + sorted(os.listdir(store.snapshots))
 
 
-def test_clean_fetch_writes_a_read_only_verified_blob(store: Store, payload: tuple[FileOrigin, FileEntry, bytes]) -> None:
+def test_clean_fetch_writes_a_read_only_verified_blob(
+    store: Store, payload: tuple[FileOrigin, FileEntry, bytes]
+) -> None:
     origin, entry, data = payload
     stats = run_fetch(store, origin, entry, FakeClock())
     blob = store.blob_path(entry.blake3)
@@ -77,7 +90,9 @@ def test_transient_faults_are_retried_with_full_jitter_backoff(
 ) -> None:
     origin, entry, data = payload
     # Chunk at offset 0 fails 3 times (503, reset mid-body, 503), then succeeds.
-    faulty = FaultyOrigin(origin, lambda k, off, n: ["503", "short", "503"][n] if off == 0 and n < 3 else None)
+    faulty = FaultyOrigin(
+        origin, lambda k, off, n: ["503", "short", "503"][n] if off == 0 and n < 3 else None
+    )
     clock = FakeClock()
     stats = run_fetch(store, faulty, entry, clock)
     assert store.blob_path(entry.blake3).read_bytes() == data
@@ -104,7 +119,9 @@ def test_persistent_faults_give_up_after_the_retry_budget(
     assert visible(store) == []
 
 
-def test_corrupt_chunk_is_refetched_then_succeeds(store: Store, payload: tuple[FileOrigin, FileEntry, bytes]) -> None:
+def test_corrupt_chunk_is_refetched_then_succeeds(
+    store: Store, payload: tuple[FileOrigin, FileEntry, bytes]
+) -> None:
     origin, entry, data = payload
     faulty = FaultyOrigin(origin, lambda k, off, n: "flip" if off == 2 * CHUNK and n == 0 else None)
     clock = FakeClock()
@@ -130,7 +147,9 @@ def test_persistently_corrupt_chunk_raises_hash_mismatch_naming_file_and_chunk(
     assert visible(store) == []
 
 
-def test_missing_object_is_not_retried(store: Store, payload: tuple[FileOrigin, FileEntry, bytes], tmp_path: Path) -> None:
+def test_missing_object_is_not_retried(
+    store: Store, payload: tuple[FileOrigin, FileEntry, bytes], tmp_path: Path
+) -> None:
     origin, entry, _ = payload
     os.unlink(tmp_path / "origin" / "w.bin")
     clock = FakeClock()
@@ -139,7 +158,9 @@ def test_missing_object_is_not_retried(store: Store, payload: tuple[FileOrigin, 
     assert clock.sleeps == []
 
 
-def test_resume_fetches_only_missing_chunks(store: Store, payload: tuple[FileOrigin, FileEntry, bytes]) -> None:
+def test_resume_fetches_only_missing_chunks(
+    store: Store, payload: tuple[FileOrigin, FileEntry, bytes]
+) -> None:
     origin, entry, data = payload
     # A previous puller wrote and recorded chunks 0 and 3, and was killed.
     store.open_part(entry.blake3, entry.size)
@@ -157,7 +178,9 @@ def test_resume_fetches_only_missing_chunks(store: Store, payload: tuple[FileOri
     assert store.blob_path(entry.blake3).read_bytes() == data
 
 
-def test_resume_does_not_trust_a_lying_chunk_log(store: Store, payload: tuple[FileOrigin, FileEntry, bytes]) -> None:
+def test_resume_does_not_trust_a_lying_chunk_log(
+    store: Store, payload: tuple[FileOrigin, FileEntry, bytes]
+) -> None:
     origin, entry, data = payload
     store.open_part(entry.blake3, entry.size)  # zeros everywhere
     for i in range(6):
@@ -179,7 +202,9 @@ def test_empty_file(store: Store, tmp_path: Path) -> None:
 
 
 @given(st.integers(0, 80), st.floats(0.001, 5), st.floats(5, 100), st.integers(0, 2**32))
-def test_backoff_is_full_jitter_within_cap(attempt: int, base: float, cap: float, seed: int) -> None:
+def test_backoff_is_full_jitter_within_cap(
+    attempt: int, base: float, cap: float, seed: int
+) -> None:
     delay = backoff_delay(attempt, base, cap, random.Random(seed))
     assert 0 <= delay <= min(cap, base * 2.0**attempt)
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
 from weightcache.client.header import (
     DTYPE_BITS,
     MAX_HEADER_BYTES,
@@ -20,7 +21,6 @@ from weightcache.client.header import (
     parse_header,
     read_header,
 )
-
 from weightcache.errors import HeaderInvalid
 
 PATH = "models/m/model-00001.safetensors"

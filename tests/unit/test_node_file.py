@@ -52,7 +52,9 @@ def test_identical_files_in_one_model_are_one_blob(tmp_path: Path, model: tuple[
     assert [f.path for f in result.files] == ["a.bin", "config.json", "sub/copy-of-a.bin"]
 
 
-def test_cache_full_names_the_numbers_and_writes_nothing(tmp_path: Path, model: tuple[str, Path]) -> None:
+def test_cache_full_names_the_numbers_and_writes_nothing(
+    tmp_path: Path, model: tuple[str, Path]
+) -> None:
     ref, _ = model
     with pytest.raises(CacheFull) as info:
         ensure_blocking(ref, cfg(tmp_path, WEIGHTCACHE_CACHE_RESERVE_BYTES=str(1 << 60)))  # type: ignore[arg-type]
@@ -71,7 +73,9 @@ def test_budget_is_enforced_before_pulling(tmp_path: Path, model: tuple[str, Pat
         ensure_blocking(ref, cfg(tmp_path, WEIGHTCACHE_CACHE_MAX_BYTES="100000"))  # type: ignore[arg-type]
 
 
-def test_load_from_inside_a_running_event_loop(tmp_path: Path, model: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_from_inside_a_running_event_loop(
+    tmp_path: Path, model: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     ref, src = model
     monkeypatch.setenv("WEIGHTCACHE_CACHE_DIR", str(tmp_path / "cache"))
 
@@ -85,7 +89,7 @@ def test_load_from_inside_a_running_event_loop(tmp_path: Path, model: tuple[str,
 def test_unreachable_origin_is_retried_then_falls_back_to_last_resolved_revision(
     tmp_path: Path, model: tuple[str, Path]
 ) -> None:
-    ref, src = model
+    ref, _src = model
     # Nothing listens on port 9: every origin request is refused.
     config = cfg(tmp_path, AWS_ENDPOINT_URL="http://127.0.0.1:9", WEIGHTCACHE_FETCH_RETRIES="2")
     s3_ref = parse_ref("s3://bucket/m")
@@ -129,17 +133,29 @@ def test_verify_finds_and_repairs_a_corrupt_blob(tmp_path: Path, model: tuple[st
 
     env = {**os.environ, "WEIGHTCACHE_CACHE_DIR": str(tmp_path / "cache")}
     out = subprocess.run(
-        [sys.executable, "-m", "weightcache", "verify"], env=env, capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "weightcache", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 1 and f"corrupt blob {result.files[0].blake3}" in out.stdout
     out = subprocess.run(
-        [sys.executable, "-m", "weightcache", "verify", "--repair"], env=env, capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "weightcache", "verify", "--repair"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "quarantined blob" in out.stdout and "pulled again" in out.stdout
     assert len(os.listdir(tmp_path / "cache" / "quarantine")) == 1
     assert (result.snapshot / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
     out = subprocess.run(
-        [sys.executable, "-m", "weightcache", "verify"], env=env, capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "weightcache", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 0 and "no problems found" in out.stdout

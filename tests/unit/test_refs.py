@@ -94,9 +94,9 @@ def test_parse_never_crashes(text: str) -> None:
     assert ".." not in ref.prefix.split("/")
 
 
-_segment = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=12).filter(
-    lambda s: s not in (".", "..")
-)
+_segment = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=12
+).filter(lambda s: s not in (".", ".."))
 
 
 @given(

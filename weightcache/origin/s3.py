@@ -69,8 +69,15 @@ def _map_errors(what: str) -> Iterator[None]:
 
 
 class S3Origin:
-    def __init__(self, bucket: str, cfg: S3Config, *, connect_timeout_s: float = 10.0,
-                 read_timeout_s: float = 60.0, max_connections: int = 32) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        cfg: S3Config,
+        *,
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 60.0,
+        max_connections: int = 32,
+    ) -> None:
         url = urlsplit(cfg.endpoint_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigInvalid([f"s3.endpoint_url: not an http(s) URL: {cfg.endpoint_url!r}"])
