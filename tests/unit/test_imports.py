@@ -1,0 +1,43 @@
+"""Importing weightcache for `load` stays light: no server side, no embedded machinery until used."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PROBE = """
+import json, sys
+import weightcache
+from weightcache.client import loader
+before = set(sys.modules)
+print(json.dumps(sorted(m for m in before if m.split('.')[0] in
+      ('aiohttp', 'uvloop', 'minio', 'diskcache', 'urllib3', 'torch', 'weightcache'))))
+"""
+
+
+def test_import_is_light() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    loaded = set(json.loads(out.stdout))
+    for heavy in (
+        "aiohttp.web",
+        "uvloop",
+        "minio",
+        "diskcache",
+        "weightcache.node",
+        "weightcache.fetch",
+    ):
+        assert heavy not in loaded, f"{heavy} imported by `import weightcache`"
+    assert "torch" not in loaded  # the loader imports torch on first call only
+    assert "weightcache.client.loader" in loaded
+
+
+def test_client_maps_to_the_client_directory() -> None:
+    import weightcache.client.loader as loader
+
+    assert Path(loader.__file__).resolve() == ROOT / "client" / "loader.py"
