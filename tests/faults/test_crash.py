@@ -22,8 +22,11 @@ MiB = 1 << 20
 
 def chunks_done(cache: Path) -> int:
     """Chunks recorded as verified across every partial download, plus blobs committed."""
-    done = sum(p.stat().st_size // 4 for p in (cache / "partial").glob("*.chunks"))
-    blobs = sum(p.stat().st_size // MiB for p in (cache / "blobs").iterdir())
+    try:
+        done = sum(p.stat().st_size // 4 for p in (cache / "partial").glob("*.chunks"))
+        blobs = sum(p.stat().st_size // MiB for p in (cache / "blobs").iterdir())
+    except FileNotFoundError:
+        return 0  # the puller has not laid out the cache yet, or a file just moved
     return done + blobs
 
 
@@ -35,11 +38,12 @@ def test_kill_9_at_several_points_then_resume(s3: Any, tmp_path: Path) -> None:
     (model / "config.json").write_text("{}")
     total = sum(p.stat().st_size for p in model.iterdir())
     ref = f"s3://{s3.bucket}/crash/model"
-    publish(
-        model,
-        parse_ref(ref),
-        load_config(env={**os.environ, "WEIGHTCACHE_PUBLISH_CHUNK_BYTES": "1MiB"}),
-    )
+    # 5 MiB parts: every 16 MiB shard goes up as a multipart upload.
+    publish_env = {
+        "WEIGHTCACHE_PUBLISH_CHUNK_BYTES": "1MiB",
+        "WEIGHTCACHE_PUBLISH_PART_BYTES": "5MiB",
+    }
+    publish(model, parse_ref(ref), load_config(env={**os.environ, **publish_env}))
     cache = Path(os.environ["WEIGHTCACHE_CACHE_DIR"])
     before = s3.sent_bytes()
 
@@ -58,14 +62,16 @@ def test_kill_9_at_several_points_then_resume(s3: Any, tmp_path: Path) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 60
-        while chunks_done(cache) < fraction * n_chunks:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if proc.stderr:
+        try:
+            deadline = time.monotonic() + 60
+            while chunks_done(cache) < fraction * n_chunks:
+                assert proc.poll() is None, "the puller finished before it could be killed"
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert proc.stderr is not None
             proc.stderr.close()
         # Nothing half-written is ever visible.
         for blob in (cache / "blobs").iterdir():

@@ -231,3 +231,32 @@ def test_cli_errors_are_one_line_and_nonzero(s3: Any) -> None:
     assert out.returncode == 1 and out.stderr.startswith("weightcache: model_not_found:")
     out = run_cli("fetch", "x", env={"WEIGHTCACHE_FETCH_CONCURRENCY": "zero"})
     assert out.returncode == 1 and "fetch.concurrency" in out.stderr
+
+
+def test_lying_safetensors_header_is_refused_and_the_cache_stays_intact(
+    s3: Any, tmp_path: Path
+) -> None:
+    files = write_model(tmp_path / "m", shards=2)
+    good = f"s3://{s3.bucket}/good"
+    publish_dir(tmp_path / "m", good)
+    weightcache.load(good)
+
+    # A second model whose shard claims a tensor runs past the end of the file.
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}
+    ).encode()
+    body = len(header).to_bytes(8, "little") + header + b"\0" * 16
+    (bad_dir / "model.safetensors").write_bytes(body)
+    bad = f"s3://{s3.bucket}/bad"
+    publish_dir(bad_dir, bad)
+    from weightcache.errors import HeaderInvalid
+
+    with pytest.raises(HeaderInvalid) as info:
+        weightcache.load(bad)
+    assert info.value.code == "header_invalid" and "model.safetensors" in str(info.value)
+    # The verified bytes are cached (they are what was published); loading the good
+    # model still works, bitwise.
+    assert_bitwise_equal(weightcache.load(good), reference(files))
+    assert (weightcache.open(bad) / "model.safetensors").read_bytes() == body
