@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from weightcache.client.report import LoadReport
 from weightcache.client.selection import Selector, check_all_found, make_selector
-from weightcache.errors import DeviceUnavailable, HeaderInvalid, TensorNotFound
+from weightcache.errors import DeviceUnavailable, HeaderInvalid, RequestInvalid, TensorNotFound
 
 if TYPE_CHECKING:
     import torch
@@ -83,7 +83,7 @@ def load_with_report(
     try:
         selector: Selector = make_selector(tensors)
     except TypeError as exc:
-        raise TensorNotFound(f"invalid tensors= selection: {exc}") from exc
+        raise RequestInvalid(f"invalid tensors= selection: {exc}") from exc
 
     ensured = _ensure(ref, config)
     report = LoadReport(

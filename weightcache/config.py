@@ -95,11 +95,44 @@ class S3Config:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    #: Unix socket for local workers (default: CACHE_DIR/weightcache.sock); also
+    #: where clients look for the daemon (``WEIGHTCACHE_SOCKET``)
+    socket_path: Path | None = None
+    #: a daemon over TCP for clients that cannot reach the socket (``WEIGHTCACHE_URL``)
+    url: str = ""
+    #: HOST:PORT to listen on over TCP for admins, peers and Prometheus; empty: off
+    listen: str = ""
+    #: bearer token required on TCP for admin and blob routes (``WEIGHTCACHE_TOKEN``);
+    #: read from the environment or ``token_file`` only, never from the TOML file
+    token: str = field(default="", repr=False)
+    token_file: Path | None = None
+    #: this node's name: seeds the prefetch spread (default: the host name)
+    node_name: str = ""
+    #: pulls waiting for an origin slot before new ones get `overloaded`
+    max_pending: int = 256
+    #: a lease not released or renewed ends after this long
+    lease_ttl_s: float = 900.0
+    max_leases_per_client: int = 64
+    #: scheduled prefetches start within this window after their time, spread per node
+    prefetch_spread_s: float = 60.0
+    #: on SIGTERM, how long in-flight pulls get to checkpoint before they are cancelled
+    shutdown_timeout_s: float = 10.0
+    #: request bodies beyond this are refused with 413
+    max_body_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True)
 class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     s3: S3Config = field(default_factory=S3Config)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.daemon.socket_path or self.cache.dir / "weightcache.sock"
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -107,10 +140,17 @@ _SECTIONS: dict[str, type[Any]] = {
     "fetch": FetchConfig,
     "publish": PublishConfig,
     "s3": S3Config,
+    "daemon": DaemonConfig,
 }
-# Secrets are only taken from the standard variables, never from the TOML file,
-# so that a config file can be shared and committed.
-_SECRET_FIELDS = {("s3", "access_key_id"), ("s3", "secret_access_key")}
+# Secrets are only taken from the environment, never from the TOML file, so that
+# a config file can be shared and committed.
+_SECRET_FIELDS = {("s3", "access_key_id"), ("s3", "secret_access_key"), ("daemon", "token")}
+# Short names the client side documents (SPEC: WEIGHTCACHE_SOCKET / WEIGHTCACHE_URL).
+_ALIASES = {
+    "WEIGHTCACHE_SOCKET": ("daemon", "socket_path"),
+    "WEIGHTCACHE_URL": ("daemon", "url"),
+    "WEIGHTCACHE_TOKEN": ("daemon", "token"),
+}
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": ("s3", "access_key_id"),
     "AWS_SECRET_ACCESS_KEY": ("s3", "secret_access_key"),
@@ -151,7 +191,7 @@ def _coerce(value: Any, hint: Any, name: str, from_text: bool) -> Any:
             raise ValueError(f"must be an integer, got {value!r}")
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and name.endswith("_bytes"):
+        if isinstance(value, str) and name.endswith(("_bytes", "_bytes_per_s")):
             return parse_size(value)
         if isinstance(value, str) and from_text:
             try:
@@ -212,6 +252,38 @@ def _check(cfg: Config) -> list[str]:
         "must be in 5MiB..5GiB",
         p.part_bytes,
     )
+    d = cfg.daemon
+    need(1 <= d.max_pending <= 100_000, "daemon.max_pending", "must be in 1..100000", d.max_pending)
+    need(d.lease_ttl_s > 0, "daemon.lease_ttl_s", "must be > 0", d.lease_ttl_s)
+    need(
+        1 <= d.max_leases_per_client <= 10_000,
+        "daemon.max_leases_per_client",
+        "must be in 1..10000",
+        d.max_leases_per_client,
+    )
+    need(d.prefetch_spread_s >= 0, "daemon.prefetch_spread_s", "must be >= 0", d.prefetch_spread_s)
+    need(d.shutdown_timeout_s > 0, "daemon.shutdown_timeout_s", "must be > 0", d.shutdown_timeout_s)
+    need(
+        1024 <= d.max_body_bytes <= 64 * MiB,
+        "daemon.max_body_bytes",
+        "must be in 1KiB..64MiB",
+        d.max_body_bytes,
+    )
+    if d.listen:
+        host, _, port = d.listen.rpartition(":")
+        need(
+            bool(host) and port.isdigit() and 0 <= int(port) <= 65535,
+            "daemon.listen",
+            "must be HOST:PORT",
+            d.listen,
+        )
+    if d.url:
+        need(
+            d.url.startswith(("http://", "https://")),
+            "daemon.url",
+            "must start with http:// or https://",
+            d.url,
+        )
     need(
         cfg.s3.endpoint_url.startswith(("http://", "https://")),
         "s3.endpoint_url",
@@ -273,10 +345,13 @@ def load_config(
     for var, (section, name) in _AWS_ENV.items():
         if env.get(var):
             put(section, name, env[var], var, from_text=True)
+    for var, (section, name) in _ALIASES.items():
+        if env.get(var):
+            put(section, name, env[var], var, from_text=True)
     for section, cls in _SECTIONS.items():
         for f in dataclasses.fields(cls):
             var = f"WEIGHTCACHE_{section}_{f.name}".upper()
-            if var in env and (section, f.name) not in _SECRET_FIELDS:
+            if var in env:
                 put(section, f.name, env[var], var, from_text=True)
 
     for dotted, raw in (overrides or {}).items():
@@ -291,6 +366,12 @@ def load_config(
     if problems:
         raise ConfigInvalid(problems)
     values["cache"].setdefault("dir", _default_cache_dir(env))
+    token_file = values["daemon"].get("token_file")
+    if token_file and not values["daemon"].get("token"):
+        try:
+            values["daemon"]["token"] = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigInvalid([f"daemon.token_file: {exc.strerror}: {token_file}"]) from exc
     cfg = Config(**{s: _SECTIONS[s](**values[s]) for s in _SECTIONS})
     problems = _check(cfg)
     if problems:

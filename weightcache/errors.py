@@ -181,6 +181,72 @@ class DaemonUnavailable(WeightcacheError):
     retryable = True
 
 
+# -- daemon and API ------------------------------------------------------------
+
+
+class RequestInvalid(WeightcacheError):
+    """A request the API cannot accept: malformed JSON, wrong types, unknown fields."""
+
+    code = "request_invalid"
+    http_status = 400
+
+
+class Unauthorized(WeightcacheError):
+    """An admin or peer route over TCP without the configured bearer token."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class NotFound(WeightcacheError):
+    """No such route, job, lease or blob."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class PayloadTooLarge(WeightcacheError):
+    """A request body or header beyond the daemon's limit."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+class ModelLeased(WeightcacheError):
+    """Evicting a model that a live client holds a lease on (use force to override)."""
+
+    code = "model_leased"
+    http_status = 409
+
+
+class TooManyLeases(WeightcacheError):
+    """A client holds more leases than ``daemon.max_leases_per_client``."""
+
+    code = "too_many_leases"
+    http_status = 429
+    retryable = True
+
+
+class Overloaded(WeightcacheError):
+    """The daemon's queue of pending pulls is full; retry after ``retry_after_s``."""
+
+    code = "overloaded"
+    http_status = 503
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, **facts: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **facts)
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(WeightcacheError):
+    """The daemon is stopping and takes no new work."""
+
+    code = "shutting_down"
+    http_status = 503
+    retryable = True
+
+
 ALL_ERRORS: tuple[type[WeightcacheError], ...] = (
     WeightcacheError,
     RefInvalid,
@@ -199,4 +265,36 @@ ALL_ERRORS: tuple[type[WeightcacheError], ...] = (
     OriginDenied,
     OriginRejected,
     DaemonUnavailable,
+    RequestInvalid,
+    Unauthorized,
+    NotFound,
+    PayloadTooLarge,
+    ModelLeased,
+    TooManyLeases,
+    Overloaded,
+    ShuttingDown,
 )
+
+BY_CODE: dict[str, type[WeightcacheError]] = {cls.code: cls for cls in ALL_ERRORS}
+
+
+def from_dict(body: dict[str, Any], status: int = 500) -> WeightcacheError:
+    """Rebuild the error a daemon sent (``{"code", "message", "hint", "details"}``).
+
+    The client raises the same class the daemon raised; an unknown code becomes
+    the root class, keeping the code and message.
+    """
+    code = str(body.get("code", "internal"))
+    cls = BY_CODE.get(code, WeightcacheError)
+    message = str(body.get("message", f"daemon error {status}"))
+    details = body.get("details") if isinstance(body.get("details"), dict) else {}
+    hint = body.get("hint") if isinstance(body.get("hint"), str) else None
+    err = cls.__new__(cls)
+    WeightcacheError.__init__(err, message, hint=hint, **(details or {}))
+    if cls is ConfigInvalid:
+        err.problems = list(details.get("problems", [message])) if details else [message]  # type: ignore[attr-defined]
+    if cls is Overloaded:
+        err.retry_after_s = float((details or {}).get("retry_after_s", 1.0))  # type: ignore[attr-defined]
+    if cls is WeightcacheError and code != "internal":
+        err.code = code  # type: ignore[misc]
+    return err

@@ -9,6 +9,7 @@ the others wait for it (or take over, resuming, if the holder dies).
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import os
@@ -51,7 +52,7 @@ from weightcache.manifest import (
 )
 from weightcache.origin import Origin, join_key, open_origin
 from weightcache.refs import Ref, parse_ref
-from weightcache.store import Store
+from weightcache.store import BlobLock, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -292,15 +293,24 @@ class Node:
         """Make ``text`` local and verified; return where its files are."""
         started = self.clock.monotonic()
         ref = self.parse(text)
-        res = await self.resolve(ref)
-        resolved = self.clock.monotonic() - started
         try:
-            result = await self._ensure(res, started, on_progress)
-            result.resolve_seconds = resolved
-            return result
-        finally:
-            if res.origin is not None:
-                res.origin.close()
+            res = await self.resolve(ref)
+            resolved = self.clock.monotonic() - started
+            try:
+                result = await self._ensure(res, started, on_progress)
+            finally:
+                if res.origin is not None:
+                    res.origin.close()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFull(
+                    f"disk full while pulling {ref}: {exc.strerror}",
+                    hint="free disk space or raise cache.reserve_bytes so pulls stop earlier",
+                    path=exc.filename,
+                ) from exc
+            raise
+        result.resolve_seconds = resolved
+        return result
 
     async def _ensure(
         self, res: _Resolved, started: float, on_progress: ProgressFn | None
@@ -413,7 +423,11 @@ class Node:
                 await fetcher.fetch(origin, join_key(prefix, entry.path), entry, stats, advance)
             await self._hop(self.index.add_blob, digest, size)
         finally:
-            await self._hop(lock.release, unlink=self.store.has_blob(digest, size))
+            await self._hop(self._release, lock, digest, size)
+
+    def _release(self, lock: BlobLock, digest: str, size: int) -> None:
+        # The lock file goes once the blob is committed: nobody needs it again.
+        lock.release(unlink=self.store.has_blob(digest, size))
 
     def _check_space(self, ref: Ref, entries: list[FileEntry]) -> None:
         needed = 0

@@ -16,9 +16,11 @@ from typing import Literal
 from urllib.parse import quote
 
 from weightcache.errors import RefInvalid
+from weightcache.hashing import digest_bytes
 from weightcache.manifest import path_problem
 
 MIN_REV_PREFIX = 6
+MAX_KEY_LEN = 200
 MAX_REF_LEN = 2048
 _REV = re.compile(rf"[0-9a-f]{{{MIN_REV_PREFIX},64}}")
 # S3 bucket naming rules (the subset every S3-compatible store accepts).
@@ -43,8 +45,14 @@ class Ref:
 
     @property
     def location_key(self) -> str:
-        """``location`` as one safe file name (percent-encoded, no ``/``)."""
-        return quote(self.location, safe="")
+        """``location`` as one safe file name (percent-encoded, no ``/``).
+
+        Names longer than a file system allows become a digest of the location.
+        """
+        key = quote(self.location, safe="")
+        if len(key) > MAX_KEY_LEN:
+            return "b3-" + digest_bytes(self.location.encode())
+        return key
 
     def __str__(self) -> str:
         return self.location + (f"@{self.rev}" if self.rev else "")

@@ -25,12 +25,11 @@ import fcntl
 import logging
 import os
 import shutil
-import stat
 import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +49,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def map_disk_error(exc: OSError, what: str, needed: int = 0) -> Exception:
-    """ENOSPC/EDQUOT become :class:`CacheFull`; anything else stays an OSError."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CacheFull(f"disk full while {what}", needed_bytes=needed)
-    return exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +140,8 @@ class Store:
     def open_part(self, digest: str, size: int) -> None:
         """Create (or keep) the preallocated part file, so a full disk shows now, not halfway."""
         paths = self.partial_paths(digest)
+        with suppress(FileNotFoundError):
+            os.chmod(paths.part, 0o600)  # a kill between commit's chmod and rename
         fd = os.open(paths.part, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size != size:
@@ -254,13 +248,13 @@ class Store:
             raw = self.manifest_path(rev).read_bytes()
         except FileNotFoundError:
             return None
-        manifest, actual = parse(raw)
+        actual = digest_bytes(raw)
         if actual != rev:
             raise CacheCorrupt(
                 f"cached manifest {rev} hashes to {actual}",
                 hint="run `weightcache verify --repair`",
             )
-        return manifest
+        return parse(raw)[0]
 
     def revisions(self) -> list[str]:
         return sorted(p.name[:-5] for p in self.manifests.glob("*.json") if is_digest(p.name[:-5]))
@@ -356,18 +350,10 @@ class Store:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; workers may run as other users
             os.replace(tmp, path)
         except BaseException:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         fsync_dir(path.parent)
-
-
-@contextmanager
-def _noop() -> Iterator[None]:
-    yield
-
-
-def is_read_only(path: Path) -> bool:
-    return not (path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightcache.errors import WeightcacheError
-from weightcache.hashing import digest_file, is_digest
+from weightcache.hashing import digest_file
 from weightcache.index import Index
 from weightcache.store import Store
 
@@ -153,7 +153,3 @@ def _snapshot_problem(store: Store, rev: str) -> str | None:
             if rel not in expected:
                 return f"{rel} is not in the manifest"
     return None
-
-
-def digests_in(report: VerifyReport) -> list[str]:
-    return [d for d in report.corrupt_blobs if is_digest(d)]
