@@ -34,6 +34,7 @@ from weightcache.errors import CacheFull, HashMismatch, OriginUnavailable
 from weightcache.hashing import Hasher, digest_range
 from weightcache.manifest import FileEntry
 from weightcache.origin.base import Origin
+from weightcache.scheduler import Priority, PrioritySlots
 from weightcache.store import Store
 
 log = logging.getLogger(__name__)
@@ -140,11 +141,12 @@ class Fetcher:
     clock: Clock = field(default_factory=RealClock)
     rng: random.Random = field(default_factory=random.Random)
     limiter: TokenBucket | None = None
-    slots: asyncio.Semaphore | None = None
+    slots: PrioritySlots | None = None
+    priority: Priority = Priority.WORKER
 
     def __post_init__(self) -> None:
         if self.slots is None:
-            self.slots = asyncio.Semaphore(self.policy.concurrency)
+            self.slots = PrioritySlots(self.policy.concurrency)
 
     async def _hop(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -243,7 +245,7 @@ class Fetcher:
         corrupt = 0
         assert self.slots is not None
         while True:
-            async with self.slots:
+            async with self.slots.slot(self.priority):
                 if self.limiter is not None:
                     await self.limiter.acquire(length)
                 loop = asyncio.get_running_loop()

@@ -16,8 +16,9 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from weightcache.errors import (
     OriginUnavailable,
     RevisionAmbiguous,
 )
+from weightcache.evict import bytes_to_free
 from weightcache.fetch import (
     Clock,
     Fetcher,
@@ -52,6 +54,7 @@ from weightcache.manifest import (
 )
 from weightcache.origin import Origin, join_key, open_origin
 from weightcache.refs import Ref, parse_ref
+from weightcache.scheduler import Priority, PrioritySlots, SingleFlight
 from weightcache.store import BlobLock, Store
 
 log = logging.getLogger(__name__)
@@ -107,7 +110,7 @@ ProgressFn = Callable[[Progress], None]
 
 
 @dataclass
-class _Resolved:
+class Resolved:
     ref: Ref
     revision: str
     manifest: Manifest
@@ -129,7 +132,10 @@ class Node:
             max_workers=self.cfg.fetch.concurrency + 4, thread_name_prefix="weightcache-io"
         )
         self._limiter: TokenBucket | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: PrioritySlots | None = None
+        self._blob_flight: SingleFlight[str, bool] = SingleFlight()
+        #: set by the daemon: frees ``need`` bytes (evicting) without touching ``protect``
+        self.make_room: Callable[[int, set[str]], Awaitable[None]] | None = None
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -139,12 +145,18 @@ class Node:
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
-    def _fetcher(self) -> Fetcher:
-        # Created lazily inside the running loop (asyncio primitives bind to it).
+    @property
+    def slots(self) -> PrioritySlots:
+        """The node-wide cap on concurrent origin requests (one per chunk GET)."""
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self.cfg.fetch.concurrency)
+            # Created lazily inside the running loop (asyncio primitives bind to it).
+            self._slots = PrioritySlots(self.cfg.fetch.concurrency)
             if self.cfg.fetch.max_bytes_per_s:
                 self._limiter = TokenBucket(self.cfg.fetch.max_bytes_per_s, self.clock)
+        return self._slots
+
+    def _fetcher(self, priority: Priority) -> Fetcher:
+        slots = self.slots
         return Fetcher(
             store=self.store,
             policy=self.cfg.fetch,
@@ -152,7 +164,8 @@ class Node:
             clock=self.clock,
             rng=self.rng,
             limiter=self._limiter,
-            slots=self._slots,
+            slots=slots,
+            priority=priority,
         )
 
     # -- resolve -------------------------------------------------------------
@@ -160,14 +173,14 @@ class Node:
     def parse(self, text: str) -> Ref:
         return parse_ref(text, default_bucket=self.cfg.s3.default_bucket)
 
-    async def resolve(self, ref: Ref) -> _Resolved:
+    async def resolve(self, ref: Ref) -> Resolved:
         """Find the revision a ref names, preferring what the cache already knows."""
         if ref.rev:
             local = self._local_revision(ref)
             if local:
                 manifest = await self._hop(self.store.load_manifest, local)
                 if manifest is not None:
-                    return _Resolved(ref, local, manifest, None, "")
+                    return Resolved(ref, local, manifest, None, "")
         origin, prefix = open_origin(ref, self.cfg)
         try:
             if ref.rev:
@@ -211,7 +224,7 @@ class Node:
         except BaseException:
             origin.close()
             raise
-        return _Resolved(ref, revision, manifest, origin, prefix)
+        return Resolved(ref, revision, manifest, origin, prefix)
 
     async def _retrying(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A small origin call (a manifest, a listing) with the fetch retry policy."""
@@ -256,14 +269,14 @@ class Node:
             )
         return matches[0] if matches else None
 
-    def _last_resolved(self, ref: Ref) -> _Resolved | None:
+    def _last_resolved(self, ref: Ref) -> Resolved | None:
         rev = self.store.get_ref(ref.location_key)
         if rev is None or not self.store.has_snapshot(rev):
             return None
         manifest = self.store.load_manifest(rev)
         if manifest is None:
             return None
-        return _Resolved(ref, rev, manifest, None, "")
+        return Resolved(ref, rev, manifest, None, "")
 
     def _read_revision(self, origin: Origin, prefix: str, ref: Ref) -> tuple[str, bytes]:
         assert ref.rev
@@ -289,31 +302,41 @@ class Node:
 
     # -- ensure -------------------------------------------------------------------
 
-    async def ensure(self, text: str, on_progress: ProgressFn | None = None) -> Ensured:
+    async def ensure(
+        self,
+        text: str,
+        on_progress: ProgressFn | None = None,
+        *,
+        priority: Priority = Priority.WORKER,
+    ) -> Ensured:
         """Make ``text`` local and verified; return where its files are."""
         started = self.clock.monotonic()
         ref = self.parse(text)
-        try:
+        with disk_full_as_cache_full(ref):
             res = await self.resolve(ref)
-            resolved = self.clock.monotonic() - started
-            try:
-                result = await self._ensure(res, started, on_progress)
-            finally:
-                if res.origin is not None:
-                    res.origin.close()
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CacheFull(
-                    f"disk full while pulling {ref}: {exc.strerror}",
-                    hint="free disk space or raise cache.reserve_bytes so pulls stop earlier",
-                    path=exc.filename,
-                ) from exc
-            raise
+        return await self.ensure_resolved(res, started, on_progress, priority=priority)
+
+    async def ensure_resolved(
+        self,
+        res: Resolved,
+        started: float,
+        on_progress: ProgressFn | None = None,
+        *,
+        priority: Priority = Priority.WORKER,
+    ) -> Ensured:
+        """The pull half of :meth:`ensure`, for callers that resolved the ref themselves."""
+        resolved = self.clock.monotonic() - started
+        try:
+            with disk_full_as_cache_full(res.ref):
+                result = await self._ensure(res, started, on_progress, priority)
+        finally:
+            if res.origin is not None:
+                res.origin.close()
         result.resolve_seconds = resolved
         return result
 
     async def _ensure(
-        self, res: _Resolved, started: float, on_progress: ProgressFn | None
+        self, res: Resolved, started: float, on_progress: ProgressFn | None, priority: Priority
     ) -> Ensured:
         rev, manifest = res.revision, res.manifest
         result = Ensured(
@@ -338,7 +361,13 @@ class Node:
         unique: dict[str, FileEntry] = {}
         for f in manifest.files:
             unique.setdefault(f.blake3, f)
-        await self._hop(self._check_space, res.ref, list(unique.values()))
+        missing = list(unique.values())
+        shortfall = await self._hop(self._space_shortfall, res.ref, missing)
+        if shortfall is not None and self.make_room is not None:
+            await self.make_room(shortfall.facts["shortfall_bytes"], set(unique))
+            shortfall = await self._hop(self._space_shortfall, res.ref, missing)
+        if shortfall is not None:
+            raise shortfall
         origin = res.origin
         if origin is None:
             origin, res.prefix = open_origin(res.ref, self.cfg)
@@ -354,7 +383,7 @@ class Node:
             if on_progress:
                 on_progress(Progress(min(done, total), total))
 
-        fetcher = self._fetcher()
+        fetcher = self._fetcher(priority)
         log.info(
             "ensure.pull ref=%s revision=%s files=%d bytes=%d",
             res.ref.location,
@@ -403,25 +432,38 @@ class Node:
             result.reused_bytes += size
             advance(size)
             return
+        # One pull per blob in this process (two revisions may share it) ...
+        waited, joined = await self._blob_flight.run(
+            digest, lambda: self._pull_locked(origin, prefix, entry, fetcher, stats, advance)
+        )
+        if joined or waited:
+            result.coalesced_bytes += size
+            advance(size)
+
+    async def _pull_locked(
+        self,
+        origin: Origin,
+        prefix: str,
+        entry: FileEntry,
+        fetcher: Fetcher,
+        stats: FetchStats,
+        advance: Callable[[int], None],
+    ) -> bool:
+        """... and one per node: the blob's flock. Returns True if another process pulled it."""
+        digest, size = entry.blake3, entry.size
         lock = self.store.blob_lock(digest)
-        waited = False
         while not await self._hop(lock.try_acquire):
             # Another process on this node is pulling this blob: wait for it, and
             # take over (resuming its verified chunks) if it dies.
-            waited = True
             await self.clock.sleep(LOCK_POLL_S * (0.5 + self.rng.random()))
             if await self._hop(self.store.has_blob, digest, size):
-                break
+                return True
         try:
             if await self._hop(self.store.has_blob, digest, size):
-                if waited:
-                    result.coalesced_bytes += size
-                else:
-                    result.reused_bytes += size
-                advance(size)
-            else:
-                await fetcher.fetch(origin, join_key(prefix, entry.path), entry, stats, advance)
+                return True
+            await fetcher.fetch(origin, join_key(prefix, entry.path), entry, stats, advance)
             await self._hop(self.index.add_blob, digest, size)
+            return False
         finally:
             await self._hop(self._release, lock, digest, size)
 
@@ -429,7 +471,8 @@ class Node:
         # The lock file goes once the blob is committed: nobody needs it again.
         lock.release(unlink=self.store.has_blob(digest, size))
 
-    def _check_space(self, ref: Ref, entries: list[FileEntry]) -> None:
+    def _space_shortfall(self, ref: Ref, entries: list[FileEntry]) -> CacheFull | None:
+        """The CacheFull a pull of ``entries`` would hit now, or None if it fits."""
         needed = 0
         for e in entries:
             if self.store.has_blob(e.blake3, e.size):
@@ -440,30 +483,36 @@ class Node:
                 allocated = 0
             needed += max(0, e.size - allocated)
         if not needed:
-            return
+            return None
         free = self.store.free_bytes()
         reserve = self.cfg.cache.reserve_bytes
+        budget = self.cfg.cache.max_bytes
+        used = self.store.blob_bytes() if budget else 0
+        shortfall = bytes_to_free(
+            used=used, incoming=needed, budget=budget, free=free, reserve=reserve
+        )
+        if not shortfall:
+            return None
         if needed + reserve > free:
-            raise CacheFull(
+            return CacheFull(
                 f"pulling {ref} needs {needed} bytes and {reserve} must stay free, but only "
                 f"{free} are available on the cache's file system ({self.store.root})",
-                hint="free disk space, remove models from the cache, or lower cache.reserve_bytes",
+                hint="free disk space, evict models (`weightcache evict REF`), "
+                "or lower cache.reserve_bytes",
                 needed_bytes=needed,
                 available_bytes=free,
                 reserve_bytes=reserve,
+                shortfall_bytes=shortfall,
             )
-        budget = self.cfg.cache.max_bytes
-        if budget:
-            used = self.store.blob_bytes()
-            if used + needed > budget:
-                raise CacheFull(
-                    f"pulling {ref} needs {needed} bytes; the cache holds {used} of its "
-                    f"{budget}-byte budget",
-                    hint="remove models from the cache or raise cache.max_bytes",
-                    needed_bytes=needed,
-                    used_bytes=used,
-                    budget_bytes=budget,
-                )
+        return CacheFull(
+            f"pulling {ref} needs {needed} bytes; the cache holds {used} of its "
+            f"{budget}-byte budget",
+            hint="evict models (`weightcache evict REF`) or raise cache.max_bytes",
+            needed_bytes=needed,
+            used_bytes=used,
+            budget_bytes=budget,
+            shortfall_bytes=shortfall,
+        )
 
     def _touch(self, rev: str, location: str, manifest: Manifest) -> None:
         self.index.add_snapshot(rev, location, len(manifest.files), manifest.total_bytes)
@@ -472,6 +521,21 @@ class Node:
     def _files(self, rev: str, manifest: Manifest) -> list[LocalFile]:
         snap = self.store.snapshot_path(rev)
         return [LocalFile(f.path, snap / f.path, f.size, f.blake3) for f in manifest.files]
+
+
+@contextmanager
+def disk_full_as_cache_full(ref: Ref) -> Iterator[None]:
+    """A full disk anywhere in a pull (commit, links, manifests) is CacheFull, not an OSError."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheFull(
+                f"disk full while pulling {ref}: {exc.strerror}",
+                hint="free disk space or raise cache.reserve_bytes so pulls stop earlier",
+                path=exc.filename,
+            ) from exc
+        raise
 
 
 def run_blocking(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
