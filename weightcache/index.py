@@ -112,6 +112,21 @@ class Index:
                 if rec is not None:
                     yield key[1], cast(SnapshotRecord, rec)
 
+    # -- records of the daemon (leases, jobs) ------------------------------------------
+
+    def put(self, key: tuple[str, str], value: dict[str, Any]) -> None:
+        self._cache.set(key, value)
+
+    def delete(self, key: tuple[str, str]) -> None:
+        self._cache.delete(key)
+
+    def items(self, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for key in list(self._cache.iterkeys()):
+            if isinstance(key, tuple) and key[0] == kind:
+                value = self._cache.get(key)
+                if value is not None:
+                    yield key[1], cast(dict[str, Any], value)
+
     # -- counters ------------------------------------------------------------------
 
     def incr(self, name: str, delta: int = 1) -> None:
