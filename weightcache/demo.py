@@ -14,7 +14,7 @@ In a temporary directory, removed on exit (also on errors and Ctrl-C):
    ``safetensors.torch.load_file`` of the original shards, and that the origin
    sent the model about once, not N times (its own byte counter says so).
 
-Exit status 0 when every check holds, 1 otherwise. The workers run this module
+Exit status 0 when every check holds, 1 otherwise (2 for bad arguments). The workers run this module
 as ``python -m weightcache.demo worker REF``.
 """
 
@@ -93,8 +93,6 @@ def _step(label: str) -> Iterator[None]:
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """One BLAKE3 over names, dtypes, shapes and raw bytes: equal only for bitwise-equal loads."""
-    import torch
-
     from weightcache.hashing import Hasher
 
     h = Hasher()
@@ -103,11 +101,12 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             # Raw bytes, whatever the dtype (numpy has no bfloat16).
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            h.update(_raw(t).numpy().data)
     return h.hexdigest()
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` as a flat uint8 tensor (no copy when it is contiguous)."""
     import torch
 
     return t.contiguous().reshape(-1).view(torch.uint8)
@@ -528,15 +527,26 @@ def _verdict(o: _Outcome, n_workers: int) -> int:
     _say()
 
     _say(f"  origin (SeaweedFS's own counter of bytes sent for bucket {BUCKET!r}):")
+    overhead = o.sent_cold - o.model_bytes
+    overhead_note = (
+        f"the manifest, {_size(o.manifest_bytes)}, read once by each load"
+        if overhead == n_workers * o.manifest_bytes
+        else f"{overhead} B; {n_workers} manifest reads would be {n_workers * o.manifest_bytes} B"
+    )
+    warm_note = (
+        "the manifest: the ref names no revision, so it asks for the latest"
+        if o.sent_warm <= o.manifest_bytes
+        else f"{o.sent_warm} B: more than the manifest"
+    )
     rows = (
         ("model size", o.model_bytes, f"{o.model_bytes} B in {o.files} files"),
         (f"sent for the {n_workers} concurrent loads", o.sent_cold, f"{o.sent_cold} B"),
         (
             "  beyond the model",
-            o.sent_cold - o.model_bytes,
-            f"the manifest, {_size(o.manifest_bytes)}, once per load",
+            overhead,
+            overhead_note,
         ),
-        ("sent for the warm load", o.sent_warm, "the manifest: the ref names no revision"),
+        ("sent for the warm load", o.sent_warm, warm_note),
     )
     width = max(len(label) for label, _, _ in rows)
     for label, n, note in rows:

@@ -137,7 +137,13 @@ class Node:
         #: set by the daemon: frees ``need`` bytes (evicting) without touching ``protect``
         self.make_room: Callable[[int, set[str]], Awaitable[None]] | None = None
 
-    def close(self) -> None:
+    async def aclose(self, grace_s: float = 0.0) -> None:
+        """Finish or cancel pulls still running (their threads write verified chunks
+        to the chunk log as they go), then release threads and the index."""
+        await self._blob_flight.cancel_all(grace_s)
+        await asyncio.get_running_loop().run_in_executor(None, self._close_blocking)
+
+    def _close_blocking(self) -> None:
         self.executor.shutdown(wait=True)
         self.index.close()
 
@@ -575,7 +581,7 @@ def ensure_blocking(
         try:
             return await node.ensure(text, on_progress)
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, node.close)
+            await node.aclose()
 
     started = time.monotonic()
     result = run_blocking(main)

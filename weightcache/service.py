@@ -170,6 +170,7 @@ class Service:
         self._tasks = [
             asyncio.create_task(self._reaper(), name="weightcache-lease-reaper"),
             asyncio.create_task(self._scheduler(), name="weightcache-job-scheduler"),
+            asyncio.create_task(self._resume_pulls(), name="weightcache-resume"),
         ]
         log.info(
             "service.started node=%s cache=%s jobs=%d leases=%d",
@@ -195,7 +196,7 @@ class Service:
             task.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
         await self._hop(self._save_jobs)
-        await asyncio.get_running_loop().run_in_executor(None, self.node.close)
+        await self.node.aclose()
         log.info("service.stopped node=%s", self.node_name)
 
     async def _hop(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -304,10 +305,18 @@ class Service:
                 listener(event)
 
         async def run() -> Ensured:
+            # Remembered until it ends, so that a daemon stopped mid-pull resumes it.
+            await self._hop(self.node.index.put, ("pull", rev), {"ref": pull.ref})
             try:
                 ensured = await self.node.ensure_resolved(res, started, advance, priority=priority)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                await self._hop(self.node.index.delete, ("pull", rev))
+                raise
             finally:
                 self._pulls.pop(rev, None)
+            await self._hop(self.node.index.delete, ("pull", rev))
             self.counters["origin_bytes"] += ensured.origin_bytes
             await self._enforce_budget()
             return ensured
@@ -362,6 +371,19 @@ class Service:
 
     def leased_revisions(self) -> set[str]:
         return {lease.revision for lease in self._leases.values()}
+
+    async def _resume_pulls(self) -> None:
+        """Pulls a previous run was stopped in the middle of: finish them in the background."""
+        interrupted = await self._hop(lambda: list(self.node.index.items("pull")))
+        for rev, rec in interrupted:
+            try:
+                await self.ensure(
+                    f"{rec['ref'].split('@')[0]}@{rev}", priority=Priority.BACKGROUND, lease=False
+                )
+                log.info("pull.resumed revision=%s", rev[:16])
+            except WeightcacheError as exc:
+                await self._hop(self.node.index.delete, ("pull", rev))
+                log.warning("pull.resume_failed revision=%s code=%s", rev[:16], exc.code)
 
     async def _reaper(self) -> None:
         while True:
@@ -720,7 +742,11 @@ class Service:
         self.counters["served_bytes"] += n
 
     def health(self) -> dict[str, Any]:
-        ready = not self._closing and all(not t.done() for t in self._tasks) and bool(self._tasks)
+        ready = (
+            not self._closing
+            and bool(self._tasks)
+            and all(not t.done() for t in self._tasks if t.get_name() != "weightcache-resume")
+        )
         return {
             "live": True,
             "ready": ready,

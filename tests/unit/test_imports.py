@@ -1,4 +1,4 @@
-"""Importing weightcache for `load` stays light: no server side, no embedded machinery until used."""
+"""Importing weightcache for `load` stays light: no server, no pull machinery until used."""
 
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def test_unreachable_origin_is_retried_then_falls_back_to_last_resolved_revision
         try:
             return (await node.ensure(str(s3_ref))).snapshot
         finally:
-            node.close()
+            await node.aclose()
 
     with pytest.raises(OriginUnavailable):
         asyncio.run(attempt())

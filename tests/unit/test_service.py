@@ -199,3 +199,39 @@ async def test_status_is_json_ready(tmp_path: Path) -> None:
     finally:
         await service.close()
     assert not service.health()["ready"]
+
+
+async def test_a_pull_stopped_by_shutdown_resumes_after_restart(tmp_path: Path) -> None:
+    ref = make_model(tmp_path, "m", 3 * MB, 7)
+    cfg = config(
+        tmp_path,
+        WEIGHTCACHE_FETCH_MAX_BYTES_PER_S="1MiB",
+        WEIGHTCACHE_FETCH_CONCURRENCY="2",
+        WEIGHTCACHE_DAEMON_SHUTDOWN_TIMEOUT_S="0.2",
+    )
+    service = await running(cfg)
+    pull = asyncio.create_task(service.ensure(ref))
+    while not service._pulls or next(iter(service._pulls.values())).done_bytes < MB:
+        await asyncio.sleep(0.02)
+    await service.close()  # the grace period is shorter than the pull
+    assert pull.done() and not service.node.store.snapshot_revisions()
+
+    restarted = Service(
+        load_config(
+            env={
+                "WEIGHTCACHE_CACHE_DIR": str(tmp_path / "cache"),
+                "WEIGHTCACHE_CACHE_RESERVE_BYTES": "0",
+            }
+        )
+    )
+    await restarted.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not restarted.node.store.snapshot_revisions() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(restarted.node.store.snapshot_revisions()) == 1
+        status = await restarted.status()
+        # Only what the first run had not verified came from the origin again.
+        assert 0 < status["counters"]["origin_bytes"] <= 2 * MB + 2 * 256 * 1024
+    finally:
+        await restarted.close()
