@@ -289,6 +289,9 @@ class Store:
                 # Relative links keep the cache relocatable (bind mounts, containers).
                 rel = os.path.relpath(self.blob_path(f.blake3), target / Path(f.path).parent)
                 os.symlink(rel, link)
+            # The links must be durable before the directory becomes visible.
+            for dirpath, _dirs, _files in os.walk(work):
+                fsync_dir(Path(dirpath))
             try:
                 os.rename(work, target)
             except OSError as exc:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ from weightcache.index import Index
 from weightcache.store import Store
 
 log = logging.getLogger(__name__)
+
+#: temporaries younger than this may belong to a live pull and are left alone
+STALE_AFTER_S = 3600.0
 
 
 @dataclass
@@ -103,8 +107,10 @@ def verify(
                 store.remove_snapshot(rev)
                 report.repaired.append(f"unlinked snapshot {rev} ({problem})")
 
+    cutoff = time.time() - STALE_AFTER_S
     for entry in store.snapshots.iterdir():
-        if entry.name.startswith((".tmp-", ".del-")):
+        # A young temporary may belong to a pull linking its snapshot right now.
+        if entry.name.startswith((".tmp-", ".del-")) and entry.lstat().st_mtime < cutoff:
             report.stale_temporaries.append(str(entry))
             if repair:
                 shutil.rmtree(entry, ignore_errors=True)
