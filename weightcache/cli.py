@@ -103,7 +103,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         try:
             return await node.ensure(args.ref, on_progress)
         finally:
-            node.close()
+            await node.aclose()
 
     try:
         result = asyncio.run(main())
@@ -209,7 +209,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     except WeightcacheError as exc:
                         failed.append(f"{ref}: {exc.code}: {exc}")
             finally:
-                node.close()
+                await node.aclose()
 
         asyncio.run(pull_again())
 
