@@ -1,10 +1,18 @@
 """``weightcache.load``: a ref in, verified tensors on a device out.
 
-The loader asks for the ref to be made local (today: in this process, the
-embedded mode of :mod:`weightcache.node`, imported only here and only when
-used), then reads every ``*.safetensors`` file of the snapshot through our own
-validated header parser and a memory map. Other files (config, tokenizer) are
-pulled but not loaded; :func:`open_snapshot` returns the directory holding them.
+The loader asks the node's daemon to make the ref local (over its Unix socket,
+or ``WEIGHTCACHE_URL``; :mod:`weightcache.client.daemon`). When no daemon
+answers it logs one ``load.fallback`` line and does the same work in this
+process: the embedded mode of :mod:`weightcache.node`, imported only then.
+Either way it then reads every ``*.safetensors`` file of the snapshot through
+our own validated header parser and a memory map. Other files (config,
+tokenizer) are pulled but not loaded; :func:`open_snapshot` returns the
+directory holding them.
+
+A daemon load holds a lease on the revision (so the daemon does not evict its
+blobs) until the tensors are mapped; then the lease is released. The mappings
+stay valid even if the files are evicted later: an unlinked file lives on while
+it is mapped.
 """
 
 from __future__ import annotations
@@ -15,15 +23,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from weightcache.client.daemon import DaemonClient, Ensured
 from weightcache.client.report import LoadReport
 from weightcache.client.selection import Selector, check_all_found, make_selector
-from weightcache.errors import DeviceUnavailable, HeaderInvalid, RequestInvalid, TensorNotFound
+from weightcache.config import Config, load_config
+from weightcache.errors import (
+    DaemonUnavailable,
+    DeviceUnavailable,
+    HeaderInvalid,
+    RequestInvalid,
+    ShuttingDown,
+    TensorNotFound,
+    WeightcacheError,
+)
 
 if TYPE_CHECKING:
     import torch
-
-    from weightcache.config import Config
-    from weightcache.node import Ensured
 
 log = logging.getLogger("weightcache.load")
 
@@ -59,10 +74,34 @@ def _resolve_device(device: Any) -> torch.device:
     return dev
 
 
-def _ensure(ref: str, config: Config | None) -> Ensured:
+def _ensure(ref: str, cfg: Config, *, lease: bool = True) -> Ensured:
+    """Make ``ref`` local: through the daemon when one answers, else in this process."""
+    client = DaemonClient.from_config(cfg)
+    if client is not None:
+        try:
+            return Ensured.from_json(client.ensure(ref, lease=lease), mode="daemon")
+        except (DaemonUnavailable, ShuttingDown) as exc:
+            # A daemon that is stopping takes no new work: a rolling restart must
+            # not fail the workers that start meanwhile.
+            reason = exc.facts.get("reason") or exc.code
+            log.warning("load.fallback reason=%s daemon=%s mode=embedded", reason, client.address)
     from weightcache.node import ensure_blocking
 
-    return ensure_blocking(ref, config)
+    return Ensured.from_json(ensure_blocking(ref, cfg).to_json(), mode="embedded")
+
+
+def _release(ensured: Ensured, cfg: Config) -> None:
+    """End the daemon's lease; it expires anyway, so a failure is only logged."""
+    lease_id = ensured.lease_id
+    if ensured.mode != "daemon" or lease_id is None:
+        return
+    client = DaemonClient.from_config(cfg)
+    if client is None:
+        return
+    try:
+        client.release(lease_id)
+    except WeightcacheError as exc:
+        log.info("lease.release_failed lease=%s code=%s", lease_id, exc.code)
 
 
 def load_with_report(
@@ -74,27 +113,46 @@ def load_with_report(
     config: Config | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """:func:`load`, also returning the :class:`LoadReport` of phases and bytes."""
-    import torch
-
-    from weightcache.client.cpu import read_file
-
     started = time.perf_counter()
     dev = _resolve_device(device)
     try:
         selector: Selector = make_selector(tensors)
     except TypeError as exc:
         raise RequestInvalid(f"invalid tensors= selection: {exc}") from exc
+    cfg = config if config is not None else load_config()
 
-    ensured = _ensure(ref, config)
+    ensured = _ensure(ref, cfg)
     report = LoadReport(
         ref=ensured.ref,
         revision=ensured.revision,
         device=str(dev),
+        mode=ensured.mode,
         cache_hit=ensured.cache_hit,
         origin_bytes=ensured.origin_bytes,
         resolve_s=ensured.resolve_seconds,
         fetch_s=max(0.0, ensured.seconds - ensured.resolve_seconds),
     )
+    try:
+        out = _read(ensured, selector, dev, dtype, report)
+    finally:
+        # The tensors map the files now: the blobs may be evicted from here on.
+        _release(ensured, cfg)
+    report.tensors = len(out)
+    report.total_s = time.perf_counter() - started
+    log.info(report.line())
+    return out, report
+
+
+def _read(
+    ensured: Ensured,
+    selector: Selector,
+    dev: torch.device,
+    dtype: torch.dtype | None,
+    report: LoadReport,
+) -> dict[str, torch.Tensor]:
+    import torch
+
+    from weightcache.client.cpu import read_file
 
     t_read = time.perf_counter()
     out: dict[str, torch.Tensor] = {}
@@ -132,11 +190,7 @@ def load_with_report(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         report.h2d_s = time.perf_counter() - t_h2d
-
-    report.tensors = len(out)
-    report.total_s = time.perf_counter() - started
-    log.info(report.line())
-    return out, report
+    return out
 
 
 def load(
@@ -162,5 +216,11 @@ def load(
 
 
 def open_snapshot(ref: str, *, config: Config | None = None) -> Path:
-    """Make ``ref`` local and return its snapshot directory (every file of the revision)."""
-    return _ensure(ref, config).snapshot
+    """Make ``ref`` local and return its snapshot directory (every file of the revision).
+
+    No lease is taken: the caller reads the files after this returns, for as
+    long as it likes, and an unreleased lease per call would pile up.
+    """
+    cfg = config if config is not None else load_config()
+    snapshot: Path = _ensure(ref, cfg, lease=False).snapshot
+    return snapshot

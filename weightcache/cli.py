@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from weightcache.config import Config, load_config
-from weightcache.errors import ConfigInvalid, WeightcacheError
+from weightcache.errors import (
+    ConfigInvalid,
+    DaemonUnavailable,
+    RequestInvalid,
+    ShuttingDown,
+    WeightcacheError,
+)
 
 log = logging.getLogger("weightcache.cli")
 
@@ -85,11 +92,32 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    cfg = _daemon_config(args)
+    doc = _fetch_via_daemon(args, cfg)
+    if doc is None:
+        doc = _fetch_embedded(args, cfg)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    state = "already cached" if doc["cache_hit"] else "fetched"
+    print(f"{state} {doc['ref']}")
+    print(f"  snapshot {doc['snapshot']}")
+    print(
+        f"  {len(doc['files'])} files, {_human(doc['total_bytes'])}; from origin "
+        f"{_human(doc['origin_bytes'])}, reused {_human(doc['reused_bytes'])}, "
+        f"resumed {_human(doc['resumed_bytes'])}, retries {doc['retries']}, "
+        f"{doc['seconds']:.2f} s"
+    )
+    if doc["mode"] == "daemon":
+        print("  by the daemon" + (", joined a pull in flight" if doc.get("coalesced") else ""))
+    return 0
+
+
+def _fetch_embedded(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     import asyncio
 
     from weightcache.node import Node, Progress
 
-    cfg = _config(args)
     bar: Any = None
 
     def on_progress(p: Progress) -> None:
@@ -110,19 +138,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
-        return 0
-    state = "already cached" if result.cache_hit else "fetched"
-    print(f"{state} {result.ref}")
-    print(f"  snapshot {result.snapshot}")
-    print(
-        f"  {len(result.files)} files, {_human(result.total_bytes)}; from origin "
-        f"{_human(result.origin_bytes)}, reused {_human(result.reused_bytes)}, "
-        f"resumed {_human(result.resumed_bytes)}, retries {result.retries}, "
-        f"{result.seconds:.2f} s"
-    )
-    return 0
+    doc: dict[str, Any] = result.to_json()
+    doc["mode"] = "embedded"
+    return doc
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -251,6 +269,318 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if args.repair and not failed else 1
 
 
+# -- commands that talk to the daemon -------------------------------------------
+
+
+_RELATIVE = re.compile(r"^\+\s*(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_when(text: str, now: float) -> float:
+    """A ``--at``/``--deadline`` value as epoch seconds (what the API takes).
+
+    RFC 3339 with ``Z`` or an offset, or relative to ``now``: ``+30s``, ``+5m``,
+    ``+2h``, ``+1d`` (fractions allowed).
+    """
+    from datetime import datetime
+
+    value = text.strip()
+    m = _RELATIVE.match(value.lower())
+    if m:
+        return now + float(m.group(1)) * _UNIT_S[m.group(2)]
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise RequestInvalid(
+            f"not a time: {text!r}",
+            hint="use RFC 3339 such as 2026-11-23T12:00:00Z, or +30s, +5m, +2h, +1d from now",
+        ) from None
+    if when.tzinfo is None:
+        # Every node must read the same instant, whatever its time zone.
+        raise RequestInvalid(
+            f"time {text!r} has no time zone",
+            hint="end it with Z (UTC) or an offset such as +02:00",
+        )
+    return when.timestamp()
+
+
+def _daemon_config(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "cache_dir", None):
+        overrides["cache.dir"] = str(args.cache_dir)
+    if getattr(args, "socket", None):
+        overrides["daemon.socket_path"] = str(args.socket)
+    if getattr(args, "url", None):
+        overrides["daemon.url"] = str(args.url)
+    return load_config(args.config, overrides=overrides)
+
+
+def _daemon_client(cfg: Config) -> Any:
+    """The configured daemon; with none configured, the default socket (which then says so)."""
+    from weightcache.client.daemon import DaemonClient
+
+    return DaemonClient.from_config(cfg) or DaemonClient(socket_path=cfg.socket_path)
+
+
+def _no_daemon(client: Any) -> int:
+    print(
+        f"weightcache: daemon_unavailable: no daemon at {client.address}: "
+        "start one with `weightcache daemon`",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _when(epoch: Any) -> str:
+    if not isinstance(epoch, int | float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _percent(done: Any, total: Any) -> str:
+    if not isinstance(total, int | float) or total <= 0:
+        return "  -"
+    return f"{100 * min(float(done or 0), float(total)) / total:3.0f}%"
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    cfg = _daemon_config(args)
+    client = _daemon_client(cfg)
+    now = time.time()
+    at = parse_when(args.at, now) if args.at else None
+    deadline = parse_when(args.deadline, now) if args.deadline else None
+    try:
+        doc = client.prefetch(args.ref, at=at, deadline=deadline, priority=args.priority)
+    except DaemonUnavailable:
+        return _no_daemon(client)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    job = doc.get("job", {})
+    verb = "scheduled" if doc.get("created", True) else "already scheduled:"
+    print(f"{verb} job {job.get('id')} for {job.get('ref', args.ref)} ({job.get('state')})")
+    print(f"  starts after {_when(job.get('start_after'))}, priority {job.get('priority')}")
+    if job.get("deadline") is not None:
+        print(f"  deadline {_when(job.get('deadline'))}")
+    return 0
+
+
+def _print_status(doc: dict[str, Any]) -> None:
+    c = doc.get("counters", {})
+    disk = doc.get("disk", {})
+    up = doc.get("uptime_s")
+    print(
+        f"node {doc.get('node', '?')}  (weightcache {doc.get('version', '?')}"
+        + (f", up {_duration(up)})" if isinstance(up, int | float) else ")")
+    )
+    budget = disk.get("budget_bytes") or 0
+    print(
+        f"disk      used {_human(disk.get('used_bytes', 0))}"
+        + (f" of {_human(budget)} budget" if budget else " (no budget)")
+        + f", reserve {_human(disk.get('reserve_bytes', 0))}, "
+        f"free {_human(disk.get('free_bytes', 0))}  ({disk.get('cache_dir', '?')})"
+    )
+    print(
+        f"requests  ensure {c.get('ensure_requests', 0)}: hits {c.get('hits', 0)}, "
+        f"misses {c.get('misses', 0)}, coalesced {c.get('coalesced', 0)}, "
+        f"overloaded {c.get('overloaded', 0)}"
+    )
+    print(
+        f"bytes     from origin {_human(c.get('origin_bytes', 0))}, "
+        f"served {_human(c.get('served_bytes', 0))} "
+        f"(to peers {_human(c.get('peer_bytes_served', 0))}); evicted "
+        f"{_human(c.get('evicted_bytes', 0))} in {c.get('evictions', 0)} evictions"
+    )
+    slots = doc.get("origin_slots") or {}
+    print(
+        f"queue     pending {doc.get('pending', 0)} of {doc.get('max_pending', '?')}"
+        + (
+            f"; origin slots {slots.get('in_use', 0)}/{slots.get('capacity', '?')} in use, "
+            f"{slots.get('waiting', 0)} waiting"
+            if slots
+            else ""
+        )
+    )
+    jobs = doc.get("jobs")
+    if isinstance(jobs, dict):
+        jobs_text = ", ".join(f"{n} {state}" for state, n in sorted(jobs.items())) or "none"
+    else:
+        jobs_text = str(jobs if jobs is not None else 0)
+    print(f"leases    {doc.get('leases', 0)}")
+    print(f"jobs      {jobs_text}")
+    errors = doc.get("errors") or {}
+    if errors:
+        print("errors    " + ", ".join(f"{code} {n}" for code, n in sorted(errors.items())))
+    models = doc.get("models") or []
+    print(f"models    {len(models)}")
+    for m in models:
+        leases = m.get("leases", 0)
+        print(
+            f"  {m.get('state', '?'):<8} {str(m.get('revision', ''))[:16]}  "
+            f"{_human(m.get('bytes', 0)):>10}  {m.get('files', 0):>4} files  "
+            f"{leases} lease{'' if leases == 1 else 's'}  used {_when(m.get('last_used'))}  "
+            f"{m.get('location', '')}"
+        )
+    pulls = doc.get("pulls") or []
+    print(f"pulls     {len(pulls)}")
+    for p in pulls:
+        print(
+            f"  {_percent(p.get('done_bytes'), p.get('total_bytes'))} "
+            f"{_human(p.get('done_bytes', 0))} of {_human(p.get('total_bytes', 0))}  "
+            f"{_human(p.get('rate_bytes_per_s', 0))}/s  {p.get('waiters', 1)} waiting  "
+            f"{p.get('priority', '')}  {p.get('ref', '')}"
+        )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _daemon_client(_daemon_config(args))
+    try:
+        doc = client.status()
+    except DaemonUnavailable:
+        return _no_daemon(client)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_status(doc)
+    return 0
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    print(f"job {job.get('id')}  {job.get('state')}  {job.get('ref')}")
+    print(f"  priority     {job.get('priority')}")
+    print(f"  at           {_when(job.get('at'))}")
+    print(f"  starts after {_when(job.get('start_after'))}")
+    print(
+        f"  deadline     {_when(job.get('deadline'))}" + ("  (missed)" if job.get("late") else "")
+    )
+    print(f"  started      {_when(job.get('started'))}")
+    print(f"  finished     {_when(job.get('finished'))}")
+    print(
+        f"  progress     {_percent(job.get('done_bytes'), job.get('total_bytes')).strip()} "
+        f"({_human(job.get('done_bytes') or 0)} of {_human(job.get('total_bytes') or 0)})"
+    )
+    if job.get("revision"):
+        print(f"  revision     {job['revision']}")
+    err = job.get("error")
+    if err:
+        print(f"  error        {err.get('code')}: {err.get('message')}")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    client = _daemon_client(_daemon_config(args))
+    try:
+        if args.id:
+            job = client.job(args.id)
+            if args.json:
+                print(json.dumps(job, indent=2))
+            else:
+                _print_job(job)
+            return 0
+        jobs = client.jobs()
+    except DaemonUnavailable:
+        return _no_daemon(client)
+    if args.json:
+        print(json.dumps({"jobs": jobs}, indent=2))
+        return 0
+    if not jobs:
+        print("no prefetch jobs")
+        return 0
+    print(f"{'ID':<16}  {'STATE':<9}  {'DONE':>4}  {'STARTS AFTER':<19}  {'DEADLINE':<19}  REF")
+    for j in jobs:
+        state = str(j.get("state", "?")) + ("!" if j.get("late") else "")
+        print(
+            f"{j.get('id', '')!s:<16}  {state:<9}  "
+            f"{_percent(j.get('done_bytes'), j.get('total_bytes')):>4}  "
+            f"{_when(j.get('start_after')):<19}  {_when(j.get('deadline')):<19}  {j.get('ref', '')}"
+        )
+        if j.get("error"):
+            print(f"{'':<16}  {j['error'].get('code')}: {j['error'].get('message')}")
+    return 0
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    client = _daemon_client(_daemon_config(args))
+    try:
+        doc = client.evict(args.ref, force=args.force)
+    except DaemonUnavailable:
+        return _no_daemon(client)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(
+        f"evicted {doc.get('ref', args.ref)} (revision {str(doc.get('revision', ''))[:16]}): "
+        f"freed {_human(doc.get('freed_bytes', 0))} in {doc.get('blobs_removed', 0)} blobs"
+        + (", leases overridden" if doc.get("forced") else "")
+    )
+    return 0
+
+
+def _fetch_via_daemon(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
+    """``fetch`` through the daemon, with a live progress bar; ``None`` when none answers."""
+    from weightcache.client.daemon import DaemonClient, Progress
+
+    client = DaemonClient.from_config(cfg)
+    if client is None:
+        return None
+    bar: Any = None
+
+    def on_progress(p: Progress) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = _progress_bar(p.total_bytes, "fetch")
+        if p.total_bytes and bar.total != p.total_bytes:
+            bar.total = p.total_bytes
+        bar.update(p.done_bytes - bar.n)
+
+    try:
+        result: dict[str, Any] = client.ensure(args.ref, lease=False, on_progress=on_progress)
+    except (DaemonUnavailable, ShuttingDown) as exc:
+        reason = exc.facts.get("reason") or exc.code
+        log.warning("fetch.fallback reason=%s daemon=%s mode=embedded", reason, client.address)
+        return None
+    finally:
+        if bar is not None:
+            bar.close()
+    result["mode"] = "daemon"
+    return result
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from weightcache.daemon import run_daemon
+
+    overrides: dict[str, Any] = {}
+    if args.cache_dir:
+        overrides["cache.dir"] = str(args.cache_dir)
+    if args.socket:
+        overrides["daemon.socket_path"] = str(args.socket)
+    if args.listen:
+        overrides["daemon.listen"] = str(args.listen)
+    cfg = load_config(args.config, overrides=overrides)
+    if args.verbose == 0:
+        # A daemon's start, stop and failures belong in its log without -v.
+        logging.getLogger("weightcache").setLevel(logging.INFO)
+    # uvloop is the daemon's loop only: nothing else in the package imports it.
+    loop_factory = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        log.info("daemon.loop uvloop=unavailable using=asyncio")
+    return run_daemon(cfg, loop_factory=loop_factory)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from weightcache.demo import run_demo
 
@@ -284,7 +614,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref")
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("fetch", parents=[common], help="pull a model into the node cache")
+    # Where the daemon-facing commands find the daemon (default: $WEIGHTCACHE_SOCKET,
+    # $WEIGHTCACHE_URL, then CACHE_DIR/weightcache.sock).
+    to_daemon = argparse.ArgumentParser(add_help=False)
+    to_daemon.add_argument(
+        "--socket", help="the daemon's Unix socket (overrides daemon.socket_path)"
+    )
+    to_daemon.add_argument("--url", help="the daemon over HTTP(S) (overrides daemon.url)")
+
+    p = sub.add_parser(
+        "fetch",
+        parents=[common, to_daemon],
+        help="pull a model into the node cache (through the daemon when one answers)",
+    )
     p.add_argument("ref")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_fetch)
@@ -299,6 +641,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "prefetch", parents=[common, to_daemon], help="schedule a pull on the node's daemon"
+    )
+    p.add_argument("ref")
+    p.add_argument(
+        "--at",
+        metavar="TIME",
+        help="start then: RFC 3339 (e.g. 2026-11-23T02:00:00Z) or +30s/+5m/+2h",
+    )
+    p.add_argument("--deadline", metavar="TIME", help="finish by then (same forms as --at)")
+    p.add_argument(
+        "--priority", default="admin", help="worker, admin or background (default admin)"
+    )
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.set_defaults(func=cmd_prefetch)
+
+    p = sub.add_parser(
+        "status", parents=[common, to_daemon], help="the daemon's counters, disk, models, pulls"
+    )
+    p.add_argument("--json", action="store_true", help="print the daemon's status document")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("jobs", parents=[common, to_daemon], help="prefetch jobs and their progress")
+    p.add_argument("id", nargs="?", metavar="ID", help="one job in detail")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser(
+        "evict", parents=[common, to_daemon], help="remove a model from the node cache"
+    )
+    p.add_argument("ref")
+    p.add_argument("--force", action="store_true", help="evict even while workers hold leases")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evict)
+
+    p = sub.add_parser(
+        "daemon", parents=[common], help="serve this node: Unix socket, optional TCP"
+    )
+    p.add_argument("--socket", help="Unix socket path (default: CACHE_DIR/weightcache.sock)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="also listen on TCP (admins, peers)")
+    p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser(
         "demo", help="what `make demo` runs: local S3, publish, load from two processes"

@@ -1,0 +1,72 @@
+"""The real daemon against the real SeaweedFS: one pull per node, however many workers ask."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.support.daemon import Daemon, call
+from tests.support.models import reference, tensors_digest, write_model
+from weightcache.config import load_config
+from weightcache.manifest import MANIFEST_NAME
+from weightcache.publish import publish
+from weightcache.refs import parse_ref
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_32_workers_one_cold_ref_one_pull(s3: Any, tmp_path: Path) -> None:
+    files = write_model(tmp_path / "m", shards=4, big=8 * 1024 * 1024)
+    ref = f"s3://{s3.bucket}/storm/model"
+    published = publish(
+        tmp_path / "m",
+        parse_ref(ref),
+        load_config(env={**os.environ, "WEIGHTCACHE_PUBLISH_CHUNK_BYTES": "1MiB"}),
+    )
+    model_bytes = sum(p.stat().st_size for p in (tmp_path / "m").iterdir())
+    manifest = int(s3.minio.stat_object(s3.bucket, f"storm/model/{MANIFEST_NAME}").size)
+    want = tensors_digest(reference(files))
+
+    sock = tmp_path / "run" / "wc.sock"
+    with Daemon(tmp_path / "cache", sock, dict(os.environ)) as daemon:
+        barrier = tmp_path / "go"
+        env = {**daemon.env}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.support.worker", ref, "--wait-file", str(barrier)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
+            for _ in range(32)
+        ]
+        time.sleep(1.0)  # let the workers import torch before the starting gun
+        before = s3.sent_bytes()
+        barrier.touch()
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+
+        sent = s3.sent_bytes() - before
+        # One pull: the model once, plus one manifest read per ensure (each resolves).
+        assert model_bytes <= sent <= model_bytes + 32 * manifest, (sent, model_bytes)
+        assert {r["digest"] for r in results} == {want}
+        assert {r["report"]["mode"] for r in results} == {"daemon"}
+        assert {r["report"]["revision"] for r in results} == {published.revision}
+
+        status, doc = call(sock, "GET", "/v1/status")
+        assert status == 200
+        c = doc["counters"]
+        assert c["misses"] == 1, c
+        assert c["coalesced"] + c["hits"] == 31, c
+        assert c["origin_bytes"] == model_bytes
+        assert daemon.stop() == 0

@@ -1,0 +1,206 @@
+"""Request bodies: JSON in, validated values out.
+
+Pure functions over the decoded document, so every rule (types, unknown
+fields, time formats) is tested without a server. Each problem raises
+:class:`RequestInvalid` naming the field, which the error middleware turns
+into a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from weightcache.errors import RequestInvalid
+from weightcache.scheduler import Priority
+
+
+@dataclass(frozen=True, slots=True)
+class EnsureBody:
+    ref: str
+    stream: bool = False
+    lease: bool = True
+    priority: Priority = Priority.WORKER
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchBody:
+    ref: str
+    at: float | None = None
+    deadline: float | None = None
+    priority: Priority = Priority.ADMIN
+
+
+@dataclass(frozen=True, slots=True)
+class EvictBody:
+    ref: str
+    force: bool = False
+
+
+def decode(raw: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is ``{}`` where the route has no required field."""
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise RequestInvalid(
+            "request body is empty; expected a JSON object",
+            field="body",
+            hint='send e.g. {"ref": "s3://bucket/model"} with Content-Type: application/json',
+        )
+    try:
+        doc = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise RequestInvalid("request body is not UTF-8", field="body") from exc
+    except json.JSONDecodeError as exc:
+        raise RequestInvalid(
+            f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            field="body",
+        ) from exc
+    if not isinstance(doc, dict):
+        raise RequestInvalid(f"request body must be a JSON object, got {_kind(doc)}", field="body")
+    return doc
+
+
+def parse_ensure(doc: Mapping[str, Any]) -> EnsureBody:
+    _only(doc, ("ref", "stream", "lease", "priority"))
+    return EnsureBody(
+        ref=_ref(doc),
+        stream=_bool(doc, "stream", False),
+        lease=_bool(doc, "lease", True),
+        priority=_priority(doc, Priority.WORKER),
+    )
+
+
+def parse_prefetch(doc: Mapping[str, Any]) -> PrefetchBody:
+    _only(doc, ("ref", "at", "deadline", "priority"))
+    at = _time(doc, "at")
+    deadline = _time(doc, "deadline")
+    if at is not None and deadline is not None and deadline < at:
+        raise RequestInvalid(
+            "deadline is before at",
+            field="deadline",
+            at=doc.get("at"),
+            deadline=doc.get("deadline"),
+        )
+    return PrefetchBody(
+        ref=_ref(doc), at=at, deadline=deadline, priority=_priority(doc, Priority.ADMIN)
+    )
+
+
+def parse_evict(doc: Mapping[str, Any]) -> EvictBody:
+    _only(doc, ("ref", "force"))
+    return EvictBody(ref=_ref(doc), force=_bool(doc, "force", False))
+
+
+def parse_empty(doc: Mapping[str, Any]) -> None:
+    """Routes that take no body still refuse fields they would silently ignore."""
+    _only(doc, ())
+
+
+def parse_time(value: object, name: str) -> float | None:
+    """RFC 3339 text (``2026-11-23T12:00:00Z``), epoch seconds, or null → epoch seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise RequestInvalid(
+            f"{name} must be an RFC 3339 time or epoch seconds, got {value!r}", field=name
+        )
+    if isinstance(value, int | float):
+        seconds = float(value)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise RequestInvalid(
+                f"{name} must be a finite, non-negative epoch time, got {value!r}", field=name
+            )
+        return seconds
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError as exc:
+            raise RequestInvalid(
+                f"{name} is not an RFC 3339 time: {value!r}",
+                field=name,
+                hint="use e.g. 2026-11-23T12:00:00Z",
+            ) from exc
+        # A time without an offset means a different instant on every node.
+        if when.tzinfo is None:
+            raise RequestInvalid(
+                f"{name} has no time zone: {value!r}",
+                field=name,
+                hint="end it with Z (UTC) or an offset such as +02:00",
+            )
+        return when.timestamp()
+    raise RequestInvalid(
+        f"{name} must be an RFC 3339 time or epoch seconds, got {_kind(value)}", field=name
+    )
+
+
+# -- fields ---------------------------------------------------------------------
+
+
+def _only(doc: Mapping[str, Any], known: tuple[str, ...]) -> None:
+    unknown = sorted(k for k in doc if k not in known)
+    if unknown:
+        raise RequestInvalid(
+            f"unknown field {unknown[0]!r}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
+            field=unknown[0],
+            unknown=unknown,
+            hint=f"known fields: {', '.join(known)}" if known else "this route takes no body",
+        )
+
+
+def _ref(doc: Mapping[str, Any]) -> str:
+    if "ref" not in doc:
+        raise RequestInvalid("missing field 'ref'", field="ref")
+    value = doc["ref"]
+    if not isinstance(value, str) or not value.strip():
+        raise RequestInvalid(
+            f"ref must be a non-empty string, got {_kind(value)}",
+            field="ref",
+            hint="e.g. s3://bucket/prefix, file:///abs/path or NAME, optionally @REV",
+        )
+    return value
+
+
+def _bool(doc: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = doc.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestInvalid(f"{name} must be true or false, got {_kind(value)}", field=name)
+    return value
+
+
+def _priority(doc: Mapping[str, Any], default: Priority) -> Priority:
+    value = doc.get("priority")
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise RequestInvalid(
+            f"priority must be a string, got {_kind(value)}",
+            field="priority",
+            hint="one of worker, admin, background",
+        )
+    return Priority.parse(value.lower())
+
+
+def _time(doc: Mapping[str, Any], name: str) -> float | None:
+    return parse_time(doc.get(name), name)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
