@@ -718,6 +718,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # The cache or socket directory unwritable, a disk gone: one line, no traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"weightcache: os_error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("weightcache: interrupted", file=sys.stderr)
         return 130

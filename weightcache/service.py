@@ -38,7 +38,7 @@ from weightcache.errors import (
 )
 from weightcache.evict import Plan, Revision, bytes_to_free, plan
 from weightcache.fetch import Clock, RealClock
-from weightcache.hashing import is_digest
+from weightcache.hashing import digest_bytes, is_digest
 from weightcache.node import Ensured, Node, Progress, Resolved
 from weightcache.scheduler import Priority, SingleFlight, start_time
 
@@ -260,7 +260,7 @@ class Service:
         else:
             self.counters["misses"] += 1
         self.counters["served_bytes"] += ensured.total_bytes
-        held = self._grant_lease(ensured.revision, pid) if lease else None
+        held = await self._grant_lease(ensured.revision, pid) if lease else None
         return EnsureResult(ensured, held, coalesced)
 
     async def _pull(
@@ -323,6 +323,16 @@ class Service:
 
         try:
             ensured, joined = await self._flight.run(rev, run)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closing and task is not None and not task.cancelling():
+                # The shared pull was cancelled by close(), not this request.
+                raise ShuttingDown(
+                    "the daemon stopped while pulling; the pull resumes after restart",
+                    hint="retry against the restarted daemon",
+                    revision=rev,
+                ) from None
+            raise
         finally:
             if on_progress and on_progress in pull.listeners:
                 pull.listeners.remove(on_progress)
@@ -336,24 +346,26 @@ class Service:
 
     # -- leases -------------------------------------------------------------------
 
-    def _grant_lease(self, revision: str, pid: int | None) -> Lease:
+    async def _grant_lease(self, revision: str, pid: int | None) -> Lease:
         now = self.wall()
         ttl = self.cfg.daemon.lease_ttl_s
+        lease: Lease | None = None
         if pid is not None:
             for existing in self._leases.values():
                 if existing.pid == pid and existing.revision == revision:
                     existing.expires = now + ttl  # renewal, not a new lease
-                    self.node.index.put(("lease", existing.id), existing.to_json())
-                    return existing
+                    lease = existing
+                    break
             held = sum(1 for x in self._leases.values() if x.pid == pid)
-            if held >= self.cfg.daemon.max_leases_per_client:
+            if lease is None and held >= self.cfg.daemon.max_leases_per_client:
                 raise TooManyLeases(
                     f"process {pid} holds {held} leases (daemon.max_leases_per_client)",
                     hint="release leases with POST /v1/leases/{id}/release",
                 )
-        lease = Lease(secrets.token_hex(12), revision, pid, now, now + ttl)
-        self._leases[lease.id] = lease
-        self.node.index.put(("lease", lease.id), lease.to_json())
+        if lease is None:
+            lease = Lease(secrets.token_hex(12), revision, pid, now, now + ttl)
+            self._leases[lease.id] = lease
+        await self._hop(self.node.index.put, ("lease", lease.id), lease.to_json())
         return lease
 
     async def release_lease(self, lease_id: str) -> None:
@@ -361,13 +373,6 @@ class Service:
         if lease is None:
             raise NotFound(f"no lease {lease_id!r}", lease=lease_id)
         await self._hop(self.node.index.delete, ("lease", lease_id))
-
-    def release_pid_leases(self, pid: int) -> int:
-        gone = [k for k, v in self._leases.items() if v.pid == pid]
-        for key in gone:
-            del self._leases[key]
-            self.node.index.delete(("lease", key))
-        return len(gone)
 
     def leased_revisions(self) -> set[str]:
         return {lease.revision for lease in self._leases.values()}
@@ -550,13 +555,19 @@ class Service:
         self.node.parse(ref)  # a bad ref fails now, not when the job runs
         if at is not None and deadline is not None and deadline <= at:
             raise RequestInvalid("deadline must be after at", field="deadline")
-        from weightcache.hashing import digest_bytes
-
-        job_id = digest_bytes(f"{ref}\0{at}".encode())[:16]
-        existing = self._jobs.get(job_id)
-        if existing is not None:
-            return existing, False
         now = self.wall()
+        if at is None:
+            # "now" jobs are idempotent while one for the ref is still waiting or running;
+            # once it finished, asking again pulls again (a new revision, an eviction).
+            for job in self._jobs.values():
+                if job.ref == ref and job.at is None and job.state in ("scheduled", "running"):
+                    return job, False
+            job_id = digest_bytes(f"{ref}\0now\0{now}".encode())[:16]
+        else:
+            job_id = digest_bytes(f"{ref}\0{at}".encode())[:16]
+            existing = self._jobs.get(job_id)
+            if existing is not None:
+                return existing, False
         begin = (
             now
             if at is None

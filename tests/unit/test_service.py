@@ -235,3 +235,20 @@ async def test_a_pull_stopped_by_shutdown_resumes_after_restart(tmp_path: Path) 
         assert 0 < status["counters"]["origin_bytes"] <= 2 * MB + 2 * 256 * 1024
     finally:
         await restarted.close()
+
+
+async def test_prefetch_now_is_idempotent_only_while_pending(tmp_path: Path) -> None:
+    ref = make_model(tmp_path, "m", 1000, 8)
+    service = await running(config(tmp_path, WEIGHTCACHE_FETCH_MAX_BYTES_PER_S="1KiB"))
+    try:
+        first, created = await service.prefetch(ref)
+        second, created_again = await service.prefetch(ref)
+        assert created and not created_again and second.id == first.id
+        deadline = time.monotonic() + 15
+        while service.job(first.id).state != "done" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert service.job(first.id).state == "done"
+        third, created_third = await service.prefetch(ref)
+        assert created_third and third.id != first.id
+    finally:
+        await service.close()
