@@ -8,11 +8,23 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import hypothesis  # noqa: F401
 import pytest
 import urllib3
 from minio import Minio
 
 from weightcache.seaweed import SeaweedServer
+
+# hypothesis is imported up front (above): its pytest plugin otherwise imports it
+# in the terminal summary, where a finaliser run by the garbage collector during
+# assertion rewriting trips CPython 3.11's "AST constructor recursion depth
+# mismatch" SystemError. A collection before the summary keeps finalisers out.
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import gc
+
+    gc.collect()
 
 # Credentials and endpoints a developer may have exported: a test must never reach them.
 _AWS_VARS = (
