@@ -287,13 +287,16 @@ class Node:
     def _read_revision(self, origin: Origin, prefix: str, ref: Ref) -> tuple[str, bytes]:
         assert ref.rev
         base = join_key(prefix, REVISIONS_DIR)
-        matches = sorted(
-            name
-            for name in (
-                info.key[len(base) + 1 :].removesuffix(".json") for info in origin.list(base)
+        try:
+            matches = sorted(
+                name
+                for name in (
+                    info.key[len(base) + 1 :].removesuffix(".json") for info in origin.list(base)
+                )
+                if is_digest(name) and name.startswith(ref.rev)
             )
-            if is_digest(name) and name.startswith(ref.rev)
-        )
+        except ObjectNotFound as exc:  # no such bucket
+            raise ModelNotFound(f"no model at {ref.location}: {exc.message}", ref=str(ref)) from exc
         if not matches:
             raise ModelNotFound(f"no revision {ref.rev} at {ref.location}", ref=str(ref))
         if len(matches) > 1:

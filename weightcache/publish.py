@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from weightcache.config import Config
-from weightcache.errors import ManifestInvalid, RefInvalid
-from weightcache.hashing import FileDigest, digest_path, digest_stream
+from weightcache.errors import ManifestInvalid, OriginUnavailable, RefInvalid
+from weightcache.fetch import backoff_delay
+from weightcache.hashing import FileDigest, digest_bytes, digest_path, digest_stream
 from weightcache.manifest import (
     MANIFEST_NAME,
     RESERVED_DIR,
@@ -31,6 +35,7 @@ from weightcache.origin import Origin, join_key, open_origin
 from weightcache.refs import Ref
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FileFn = Callable[[str, int], None]
 
@@ -72,13 +77,31 @@ def local_files(directory: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def _write_manifest(origin: Origin, prefix: str, manifest: Manifest) -> str:
-    from weightcache.hashing import digest_bytes
+def _retrying(cfg: Config, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """An upload step with the fetch retry policy (backoff with full jitter).
 
+    Every step is idempotent (a whole object put again), so a transient fault
+    costs one object, not the whole publish.
+    """
+    policy = cfg.fetch
+    rng = random.Random()
+    for attempt in range(policy.retries + 1):
+        try:
+            return fn(*args, **kwargs)
+        except OriginUnavailable as exc:
+            if attempt == policy.retries:
+                raise
+            delay = backoff_delay(attempt, policy.backoff_base_s, policy.backoff_max_s, rng)
+            log.warning("publish.retry attempt=%d delay_s=%.2f reason=%s", attempt + 1, delay, exc)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _write_manifest(cfg: Config, origin: Origin, prefix: str, manifest: Manifest) -> str:
     raw = dump(manifest)
     rev = digest_bytes(raw)
-    origin.write_bytes(join_key(prefix, f"{REVISIONS_DIR}/{rev}.json"), raw)
-    origin.write_bytes(join_key(prefix, MANIFEST_NAME), raw)  # last: the switch-over
+    _retrying(cfg, origin.write_bytes, join_key(prefix, f"{REVISIONS_DIR}/{rev}.json"), raw)
+    _retrying(cfg, origin.write_bytes, join_key(prefix, MANIFEST_NAME), raw)  # last: switch-over
     return rev
 
 
@@ -99,7 +122,7 @@ def publish(directory: Path, ref: Ref, cfg: Config, *, on_file: FileFn | None = 
     try:
         ensure_bucket = getattr(origin, "ensure_bucket", None)
         if ensure_bucket is not None:
-            ensure_bucket()
+            _retrying(cfg, ensure_bucket)
         workers = min(8, max(2, os.cpu_count() or 2))
         with ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="weightcache-publish"
@@ -108,7 +131,13 @@ def publish(directory: Path, ref: Ref, cfg: Config, *, on_file: FileFn | None = 
 
             def upload(item: tuple[tuple[str, Path], FileDigest]) -> int:
                 (rel, path), d = item
-                origin.write_file(join_key(prefix, rel), path, part_bytes=cfg.publish.part_bytes)
+                _retrying(
+                    cfg,
+                    origin.write_file,
+                    join_key(prefix, rel),
+                    path,
+                    part_bytes=cfg.publish.part_bytes,
+                )
                 if on_file:
                     on_file(rel, d.size)
                 log.info("publish.uploaded key=%s bytes=%d", join_key(prefix, rel), d.size)
@@ -116,7 +145,7 @@ def publish(directory: Path, ref: Ref, cfg: Config, *, on_file: FileFn | None = 
 
             uploaded = sum(ex.map(upload, zip(files, digests, strict=True)))
         manifest = build(((rel, d) for (rel, _), d in zip(files, digests, strict=True)), chunk)
-        rev = _write_manifest(origin, prefix, manifest)
+        rev = _write_manifest(cfg, origin, prefix, manifest)
     finally:
         origin.close()
     log.info("publish.done ref=%s revision=%s files=%d", ref, rev, len(files))
@@ -155,7 +184,7 @@ def index(ref: Ref, cfg: Config, *, on_file: FileFn | None = None) -> Published:
         with ThreadPoolExecutor(max_workers=4, thread_name_prefix="weightcache-index") as ex:
             entries = list(ex.map(hash_object, objects))
         manifest = build(entries, chunk)
-        rev = _write_manifest(origin, prefix, manifest)
+        rev = _write_manifest(cfg, origin, prefix, manifest)
     finally:
         origin.close()
     log.info("index.done ref=%s revision=%s files=%d", ref, rev, len(entries))
