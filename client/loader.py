@@ -129,6 +129,10 @@ def load_with_report(
         mode=ensured.mode,
         cache_hit=ensured.cache_hit,
         origin_bytes=ensured.origin_bytes,
+        reused_bytes=ensured.reused_bytes,
+        coalesced_bytes=ensured.coalesced_bytes,
+        resumed_bytes=ensured.resumed_bytes,
+        retries=ensured.retries,
         resolve_s=ensured.resolve_seconds,
         fetch_s=max(0.0, ensured.seconds - ensured.resolve_seconds),
     )
