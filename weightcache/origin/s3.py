@@ -108,6 +108,13 @@ class S3Origin:
             resp = self._client.get_object(self.bucket, key)
             try:
                 data = resp.read(max_bytes + 1, decode_content=False)
+                # One read returns what arrived before a close: a body cut short is
+                # a transient fault (retried), not a malformed manifest.
+                declared = resp.headers.get("Content-Length")
+                if declared is not None and len(data) < min(int(declared), max_bytes + 1):
+                    raise OriginUnavailable(
+                        f"{self._what(key)}: body ended after {len(data)} of {declared} bytes"
+                    )
             finally:
                 resp.close()
                 resp.release_conn()
