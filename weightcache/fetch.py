@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from weightcache.config import FetchConfig
-from weightcache.errors import CacheFull, HashMismatch, OriginUnavailable
+from weightcache.errors import CacheFull, HashMismatch, OriginUnavailable, WeightcacheError
 from weightcache.hashing import Hasher, digest_range
 from weightcache.manifest import FileEntry
 from weightcache.origin.base import Origin
@@ -270,6 +270,11 @@ class Fetcher:
                         return
                     except (OriginUnavailable, _ChunkHashMismatch) as exc:
                         error = exc
+                    except WeightcacheError as exc:
+                        # Not retryable (not found, denied, disk full): name what failed.
+                        exc.facts.setdefault("path", entry.path)
+                        exc.facts.setdefault("chunk", index)
+                        raise
                 except asyncio.CancelledError:
                     # The worker thread cannot be interrupted: tell it to stop and
                     # wait, so no thread writes into the part file after we return.
