@@ -109,7 +109,8 @@ class DaemonConfig:
     token_file: Path | None = None
     #: this node's name: seeds the prefetch spread (default: the host name)
     node_name: str = ""
-    #: pulls waiting for an origin slot before new ones get `overloaded`
+    #: distinct pulls in progress or queued for origin slots before a new one gets
+    #: `overloaded` (requests joining a running pull or hitting the cache always pass)
     max_pending: int = 256
     #: a lease not released or renewed ends after this long
     lease_ttl_s: float = 900.0
@@ -335,9 +336,14 @@ def load_config(
                 if name not in known:
                     problems.append(f"{section}.{name}: unknown option")
                 elif (section, name) in _SECRET_FIELDS:
+                    where = (
+                        "WEIGHTCACHE_TOKEN or daemon.token_file"
+                        if section == "daemon"
+                        else "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                    )
                     problems.append(
-                        f"{section}.{name}: credentials are read from AWS_ACCESS_KEY_ID and "
-                        "AWS_SECRET_ACCESS_KEY only, never from the config file"
+                        f"{section}.{name}: secrets are read from {where} only, "
+                        "never from the config file"
                     )
                 else:
                     put(section, name, raw, "config file", from_text=False)

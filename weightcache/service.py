@@ -32,6 +32,7 @@ from weightcache.errors import (
     NotFound,
     Overloaded,
     RequestInvalid,
+    RevisionAmbiguous,
     ShuttingDown,
     TooManyLeases,
     WeightcacheError,
@@ -39,7 +40,9 @@ from weightcache.errors import (
 from weightcache.evict import Plan, Revision, bytes_to_free, plan
 from weightcache.fetch import Clock, RealClock
 from weightcache.hashing import digest_bytes, is_digest
-from weightcache.node import Ensured, Node, Progress, Resolved
+from weightcache.manifest import Manifest
+from weightcache.node import Ensured, Node, Progress, Resolved, disk_full_as_cache_full
+from weightcache.refs import Ref
 from weightcache.scheduler import Priority, SingleFlight, start_time
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 2.0
 #: the job scheduler wakes at least this often (it is also woken by new jobs)
 SCHEDULER_TICK_S = 1.0
+#: finished prefetch jobs are forgotten after this long
+JOB_RETENTION_S = 7 * 86400.0
 
 
 @dataclass
@@ -155,6 +160,8 @@ class Service:
         self._pulls: dict[str, _Pull] = {}
         self._flight: SingleFlight[str, Ensured] = SingleFlight()
         self._pending = 0
+        #: revisions just pulled whose requesters have not taken their leases yet
+        self._fresh: set[str] = set()
         self._closing = False
         self._leases: dict[str, Lease] = {}
         self._jobs: dict[str, Job] = {}
@@ -235,18 +242,13 @@ class Service:
             raise ShuttingDown(
                 "the daemon is shutting down", hint="retry against the restarted daemon"
             )
-        if self._pending >= self.cfg.daemon.max_pending:
-            self.counters["overloaded"] += 1
-            raise Overloaded(
-                f"{self._pending} requests are already waiting (daemon.max_pending)",
-                retry_after_s=1.0 + len(self._pulls),
-            )
         self._pending += 1
         self.counters["ensure_requests"] += 1
         started = self.clock.monotonic()
         try:
             parsed = self.node.parse(ref)
-            res = await self.node.resolve(parsed)
+            with disk_full_as_cache_full(parsed):
+                res = await self.node.resolve(parsed)
             ensured, coalesced = await self._pull(res, started, priority, on_progress)
         except WeightcacheError as exc:
             self.errors[exc.code] += 1
@@ -260,7 +262,10 @@ class Service:
         else:
             self.counters["misses"] += 1
         self.counters["served_bytes"] += ensured.total_bytes
-        held = await self._grant_lease(ensured.revision, pid) if lease else None
+        try:
+            held = await self._grant_lease(ensured.revision, pid) if lease else None
+        finally:
+            self._fresh.discard(ensured.revision)  # leased now, or not wanted
         return EnsureResult(ensured, held, coalesced)
 
     async def _pull(
@@ -282,6 +287,16 @@ class Service:
             return ensured, False
 
         pull = self._pulls.get(rev)
+        if pull is None and len(self._pulls) >= self.cfg.daemon.max_pending:
+            # Joining a running pull or reading the cache is always admitted; what is
+            # bounded is the number of distinct pulls queued for origin slots.
+            if res.origin is not None:
+                res.origin.close()
+            self.counters["overloaded"] += 1
+            raise Overloaded(
+                f"{len(self._pulls)} pulls are already in progress or queued (daemon.max_pending)",
+                retry_after_s=1.0 + len(self._pulls) / max(1, self.node.slots.capacity),
+            )
         if pull is None:
             pull = _Pull(
                 str(res.ref.with_rev(rev)),
@@ -309,6 +324,12 @@ class Service:
             await self._hop(self.node.index.put, ("pull", rev), {"ref": pull.ref})
             try:
                 ensured = await self.node.ensure_resolved(res, started, advance, priority=priority)
+                await self._hop(self.node.index.delete, ("pull", rev))
+                self.counters["origin_bytes"] += ensured.origin_bytes
+                self._fresh.add(rev)
+                # Still listed as pulling, so the budget check cannot pick this revision.
+                await self._enforce_budget()
+                return ensured
             except asyncio.CancelledError:
                 raise
             except BaseException:
@@ -316,10 +337,6 @@ class Service:
                 raise
             finally:
                 self._pulls.pop(rev, None)
-            await self._hop(self.node.index.delete, ("pull", rev))
-            self.counters["origin_bytes"] += ensured.origin_bytes
-            await self._enforce_budget()
-            return ensured
 
         try:
             ensured, joined = await self._flight.run(rev, run)
@@ -383,7 +400,9 @@ class Service:
         for rev, rec in interrupted:
             try:
                 await self.ensure(
-                    f"{rec['ref'].split('@')[0]}@{rev}", priority=Priority.BACKGROUND, lease=False
+                    f"{rec['ref'].rpartition('@')[0]}@{rev}",
+                    priority=Priority.BACKGROUND,
+                    lease=False,
                 )
                 log.info("pull.resumed revision=%s", rev[:16])
             except WeightcacheError as exc:
@@ -412,18 +431,27 @@ class Service:
         store, index = self.node.store, self.node.index
         out = []
         for rev in store.snapshot_revisions():
-            manifest = store.load_manifest(rev)
+            manifest = self._manifest(rev)
             if manifest is None:
-                continue
+                continue  # not evictable by plan: `verify --repair` deals with it
             rec = index.snapshot(rev)
             accessed = rec["accessed"] if rec else 0.0
             out.append(Revision(rev, accessed, frozenset(f.blake3 for f in manifest.files)))
         return out
 
+    def _manifest(self, rev: str) -> Manifest | None:
+        """A cached manifest, or None if missing or corrupt (one bad file must not take
+        status, metrics and eviction down with it)."""
+        try:
+            return self.node.store.load_manifest(rev)
+        except WeightcacheError as exc:
+            log.error("cache.corrupt_manifest revision=%s error=%s", rev[:16], exc)
+            return None
+
     def _pulling_blobs(self) -> set[str]:
         blobs: set[str] = set()
         for rev in self._pulls:
-            manifest = self.node.store.load_manifest(rev)
+            manifest = self._manifest(rev)
             if manifest is not None:
                 blobs |= {f.blake3 for f in manifest.files}
         return blobs
@@ -434,7 +462,7 @@ class Service:
             self._revisions(),
             sizes,
             need=need,
-            protected_revisions=self.leased_revisions() | set(self._pulls),
+            protected_revisions=self.leased_revisions() | set(self._pulls) | self._fresh,
             protected_blobs=protect | self._pulling_blobs(),
         )
 
@@ -529,14 +557,29 @@ class Service:
             "forced": bool(holders),
         }
 
-    def _cached_revision(self, ref: Any) -> str:
-        store = self.node.store
-        if ref.rev:
-            matches = [r for r in store.snapshot_revisions() if r.startswith(ref.rev)]
+    def _cached_revision(self, ref: Ref) -> str:
+        """The cached revision a ref names; a short @REV only among this location's."""
+        store, index = self.node.store, self.node.index
+        if ref.rev and is_digest(ref.rev):
+            matches = [ref.rev] if store.has_snapshot(ref.rev) else []
+        elif ref.rev:
+            assert ref.rev is not None
+            prefix = ref.rev
+            matches = [
+                rev
+                for rev in store.snapshot_revisions()
+                if rev.startswith(prefix)
+                and (rec := index.snapshot(rev)) is not None
+                and rec["location"] == ref.location
+            ]
         else:
             last = store.get_ref(ref.location_key)
             matches = [last] if last and store.has_snapshot(last) else []
-        if len(matches) != 1:
+        if len(matches) > 1:
+            raise RevisionAmbiguous(
+                f"{ref} matches {len(matches)} cached revisions", ref=str(ref), matches=matches
+            )
+        if not matches:
             raise ModelNotFound(f"{ref} is not in this node's cache", ref=str(ref))
         return matches[0]
 
@@ -592,6 +635,14 @@ class Service:
     async def _scheduler(self) -> None:
         while True:
             now = self.wall()
+            expired = [
+                j.id
+                for j in self._jobs.values()
+                if j.finished is not None and j.finished < now - JOB_RETENTION_S
+            ]
+            for job_id in expired:
+                del self._jobs[job_id]
+                await self._hop(self.node.index.delete, ("job", job_id))
             for job in self.jobs():
                 if (
                     job.state == "scheduled"
@@ -657,13 +708,13 @@ class Service:
         leases = Counter(x.revision for x in self._leases.values())
         rows = []
         for rev in self.node.store.snapshot_revisions():
-            manifest = self.node.store.load_manifest(rev)
+            manifest = self._manifest(rev)
             rec = self.node.index.snapshot(rev)
             rows.append(
                 {
                     "revision": rev,
                     "location": rec["location"] if rec else "",
-                    "state": "cached",
+                    "state": "cached" if manifest is not None else "corrupt",
                     "files": len(manifest.files) if manifest else 0,
                     "bytes": manifest.total_bytes if manifest else 0,
                     "leases": leases.get(rev, 0),

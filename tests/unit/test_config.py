@@ -51,7 +51,7 @@ def test_every_problem_reported_with_its_path(tmp_path: Path) -> None:
     assert "fetch.retries: must be an integer" in joined
     assert "fetch.bogus: unknown option" in joined
     assert "nosuch: unknown section" in joined
-    assert "s3.secret_access_key: credentials are read from AWS_" in joined
+    assert "s3.secret_access_key: secrets are read from AWS_" in joined
     assert "leak" not in joined
 
 

@@ -137,6 +137,7 @@ async def test_leases_of_dead_processes_end(tmp_path: Path) -> None:
 
 async def test_overloaded_when_the_queue_is_full(tmp_path: Path) -> None:
     ref = make_model(tmp_path, "m", 2 * MB, 4)
+    other = make_model(tmp_path, "other", 1000, 9)
     service = await running(
         config(
             tmp_path, WEIGHTCACHE_DAEMON_MAX_PENDING="1", WEIGHTCACHE_FETCH_MAX_BYTES_PER_S="1MiB"
@@ -145,10 +146,13 @@ async def test_overloaded_when_the_queue_is_full(tmp_path: Path) -> None:
     try:
         first = asyncio.create_task(service.ensure(ref))
         await asyncio.sleep(0.05)
+        joined = asyncio.create_task(service.ensure(ref))  # joining a running pull: admitted
         with pytest.raises(Overloaded) as info:
-            await service.ensure(ref)
+            await service.ensure(other)  # a second distinct pull: over max_pending=1
         assert info.value.retry_after_s >= 1 and info.value.http_status == 503
+        assert (await joined).coalesced
         await first
+        await service.ensure(other)  # the queue drained: admitted again
     finally:
         await service.close()
 
@@ -250,5 +254,37 @@ async def test_prefetch_now_is_idempotent_only_while_pending(tmp_path: Path) -> 
         assert service.job(first.id).state == "done"
         third, created_third = await service.prefetch(ref)
         assert created_third and third.id != first.id
+    finally:
+        await service.close()
+
+
+async def test_evict_matches_short_revisions_only_within_the_location(tmp_path: Path) -> None:
+    a = make_model(tmp_path, "a", 1000, 10)
+    b = make_model(tmp_path, "b", 1000, 11)
+    service = await running(config(tmp_path))
+    try:
+        rev_a = (await service.ensure(a, lease=False)).ensured.revision
+        await service.ensure(b, lease=False)
+        from weightcache.errors import ModelNotFound
+
+        with pytest.raises(ModelNotFound):
+            await service.evict(f"{b}@{rev_a[:8]}")
+        assert service.node.store.has_snapshot(rev_a)
+        out = await service.evict(f"{a}@{rev_a[:8]}")
+        assert out["revision"] == rev_a and not service.node.store.has_snapshot(rev_a)
+    finally:
+        await service.close()
+
+
+async def test_a_corrupt_cached_manifest_does_not_break_status(tmp_path: Path) -> None:
+    ref = make_model(tmp_path, "m", 1000, 12)
+    service = await running(config(tmp_path))
+    try:
+        rev = (await service.ensure(ref, lease=False)).ensured.revision
+        path = service.node.store.manifest_path(rev)
+        os.chmod(path, 0o644)
+        path.write_bytes(path.read_bytes().replace(b'"format"', b'"formaT"'))
+        doc = await service.status()
+        assert [m["state"] for m in doc["models"]] == ["corrupt"]
     finally:
         await service.close()
