@@ -31,6 +31,7 @@ from weightcache.errors import (
     DaemonUnavailable,
     DeviceUnavailable,
     HeaderInvalid,
+    Overloaded,
     RequestInvalid,
     ShuttingDown,
     TensorNotFound,
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("weightcache.load")
+
+#: how often a load retries a daemon that answers `overloaded`, honouring Retry-After
+OVERLOADED_RETRIES = 5
+OVERLOADED_MAX_WAIT_S = 30.0
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -78,13 +83,24 @@ def _ensure(ref: str, cfg: Config, *, lease: bool = True) -> Ensured:
     """Make ``ref`` local: through the daemon when one answers, else in this process."""
     client = DaemonClient.from_config(cfg)
     if client is not None:
-        try:
-            return Ensured.from_json(client.ensure(ref, lease=lease), mode="daemon")
-        except (DaemonUnavailable, ShuttingDown) as exc:
-            # A daemon that is stopping takes no new work: a rolling restart must
-            # not fail the workers that start meanwhile.
-            reason = exc.facts.get("reason") or exc.code
-            log.warning("load.fallback reason=%s daemon=%s mode=embedded", reason, client.address)
+        for attempt in range(OVERLOADED_RETRIES + 1):
+            try:
+                return Ensured.from_json(client.ensure(ref, lease=lease), mode="daemon")
+            except Overloaded as exc:
+                # The daemon's queue of distinct pulls is full; it says when to come back.
+                if attempt == OVERLOADED_RETRIES:
+                    raise
+                delay = min(OVERLOADED_MAX_WAIT_S, max(0.1, exc.retry_after_s))
+                log.info("load.overloaded attempt=%d retry_after_s=%.1f", attempt + 1, delay)
+                time.sleep(delay)
+            except (DaemonUnavailable, ShuttingDown) as exc:
+                # A daemon that is stopping takes no new work: a rolling restart must
+                # not fail the workers that start meanwhile.
+                reason = exc.facts.get("reason") or exc.code
+                log.warning(
+                    "load.fallback reason=%s daemon=%s mode=embedded", reason, client.address
+                )
+                break
     from weightcache.node import ensure_blocking
 
     return Ensured.from_json(ensure_blocking(ref, cfg).to_json(), mode="embedded")

@@ -567,6 +567,27 @@ def test_loader_propagates_the_daemons_errors(
         weightcache.load("s3://b/x")
 
 
+def test_loader_retries_an_overloaded_daemon_after_retry_after(
+    model: tuple[str, dict[str, Path]], fake: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref, files = model
+    from weightcache.node import ensure_blocking
+
+    doc = ensure_blocking(ref, load_config()).to_json()
+    doc.update(source="cache", coalesced=False, lease=None)
+    replies = [
+        Reply(503, error_body("overloaded", "busy"), headers={"Retry-After": "0"}),
+        Reply(503, error_body("overloaded", "busy"), headers={"Retry-After": "0"}),
+        Reply(body=doc),
+    ]
+    fake.on("POST", "/v1/ensure", lambda seen: replies.pop(0))
+    monkeypatch.setenv("WEIGHTCACHE_SOCKET", str(fake.server.server_address))
+    tensors, report = weightcache.load_with_report(ref)
+    assert report.mode == "daemon"
+    assert [s.path for s in fake.seen] == ["/v1/ensure"] * 3
+    assert_bitwise_equal(tensors, reference(files))
+
+
 def test_loader_falls_back_while_the_daemon_shuts_down(
     model: tuple[str, dict[str, Path]], fake: FakeDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:

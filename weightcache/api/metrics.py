@@ -92,12 +92,12 @@ class _StatusCollector(Collector):
         )
         yield GaugeMetricFamily(
             "weightcache_pending",
-            "Pulls waiting for an origin slot.",
+            "Ensure requests in progress.",
             value=_count(status.get("pending")),
         )
         yield GaugeMetricFamily(
             "weightcache_max_pending",
-            "Pending pulls beyond which new ones are refused as overloaded.",
+            "Distinct pulls beyond which a request needing a new one is refused as overloaded.",
             value=_count(status.get("max_pending")),
         )
         yield GaugeMetricFamily(
