@@ -12,6 +12,8 @@ install: $(STAMP)
 # project so that the project's `torch>=` range is already satisfied and pip never
 # reaches for a CUDA build.
 $(STAMP): pyproject.toml
+	@# systemd-analyze validates deploy/systemd in the tests (in Debian's systemd package).
+	command -v systemd-analyze >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
