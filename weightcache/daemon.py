@@ -46,11 +46,32 @@ def run_daemon(
 
     ``loop_factory`` picks the event loop (the CLI passes uvloop's).
     """
+    check_exposure(cfg)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         try:
             return runner.run(serve(cfg))
         except asyncio.CancelledError:
             return 1  # a second signal: stopped without waiting for pulls to checkpoint
+
+
+def check_exposure(cfg: Config) -> None:
+    """Refuse to open admin and blob routes to the network without a token.
+
+    Checked when the daemon starts, not when the config loads: clients read the
+    same file and need no token of their own.
+    """
+    listen = cfg.daemon.listen
+    if not listen or cfg.daemon.token:
+        return
+    host = listen.rpartition(":")[0].strip("[]")
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigInvalid(
+            [
+                f"daemon.listen: {listen} is reachable beyond this host, so a bearer token "
+                "is required: set WEIGHTCACHE_TOKEN or daemon.token_file, or listen on "
+                "127.0.0.1"
+            ]
+        )
 
 
 async def serve(cfg: Config) -> int:

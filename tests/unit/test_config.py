@@ -98,3 +98,15 @@ def test_sizes(text: str, value: int) -> None:
 def test_bad_size() -> None:
     with pytest.raises(ValueError, match="not a byte size"):
         parse_size("12 parsecs")
+
+
+def test_daemon_refuses_a_network_listener_without_a_token() -> None:
+    from weightcache.daemon import check_exposure
+
+    open_cfg = load_config(env={"WEIGHTCACHE_DAEMON_LISTEN": "0.0.0.0:7878"})
+    with pytest.raises(ConfigInvalid, match="token is required"):
+        check_exposure(open_cfg)
+    check_exposure(load_config(env={"WEIGHTCACHE_DAEMON_LISTEN": "127.0.0.1:7878"}))
+    check_exposure(
+        load_config(env={"WEIGHTCACHE_DAEMON_LISTEN": "0.0.0.0:7878", "WEIGHTCACHE_TOKEN": "t"})
+    )
