@@ -134,8 +134,19 @@ class Node:
         self._limiter: TokenBucket | None = None
         self._slots: PrioritySlots | None = None
         self._blob_flight: SingleFlight[str, bool] = SingleFlight()
+        self._origins: dict[str, tuple[Origin, str]] = {}
         #: set by the daemon: frees ``need`` bytes (evicting) without touching ``protect``
         self.make_room: Callable[[int, set[str]], Awaitable[None]] | None = None
+
+    def origin(self, ref: Ref) -> tuple[Origin, str]:
+        """The origin a ref lives in (one per bucket or directory, connections reused)
+        and the model's key prefix inside it."""
+        key = f"s3://{ref.bucket}" if ref.scheme == "s3" else ref.location
+        entry = self._origins.get(key)
+        if entry is None:
+            entry = self._origins[key] = open_origin(ref, self.cfg)
+        origin, prefix = entry
+        return origin, prefix if ref.scheme == "file" else ref.prefix
 
     async def aclose(self, grace_s: float = 0.0) -> None:
         """Finish or cancel pulls still running (their threads write verified chunks
@@ -145,6 +156,9 @@ class Node:
 
     def _close_blocking(self) -> None:
         self.executor.shutdown(wait=True)
+        for origin, _ in self._origins.values():
+            origin.close()
+        self._origins.clear()
         self.index.close()
 
     async def _hop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -187,49 +201,44 @@ class Node:
                 manifest = await self._hop(self.store.load_manifest, local)
                 if manifest is not None:
                     return Resolved(ref, local, manifest, None, "")
-        origin, prefix = open_origin(ref, self.cfg)
-        try:
-            if ref.rev:
-                revision, raw = await self._retrying(self._read_revision, origin, prefix, ref)
-            else:
-                try:
-                    raw = await self._retrying(
-                        origin.read, join_key(prefix, MANIFEST_NAME), max_bytes=MAX_MANIFEST_BYTES
-                    )
-                except ObjectNotFound as exc:
-                    raise ModelNotFound(
-                        f"no model at {ref.location}: {MANIFEST_NAME} not found",
-                        ref=str(ref),
-                        hint="publish it with `weightcache publish DIR REF`, or write a "
-                        "manifest for uploaded files with `weightcache index REF`",
-                    ) from exc
-                except OriginUnavailable:
-                    offline = self._last_resolved(ref)
-                    if offline is None:
-                        raise
-                    origin.close()
-                    log.warning(
-                        "resolve.offline ref=%s revision=%s reason=origin unavailable",
-                        ref.location,
-                        offline.revision,
-                    )
-                    return offline
-                revision = ""
-            manifest, actual = parse(raw)
-            if revision and actual != revision:
-                raise HashMismatch(
-                    f"manifest of revision {revision} at {ref.location} hashes to {actual}",
-                    ref=str(ref),
-                    expected=revision,
-                    actual=actual,
+        origin, prefix = self.origin(ref)
+        if ref.rev:
+            revision, raw = await self._retrying(self._read_revision, origin, prefix, ref)
+        else:
+            try:
+                raw = await self._retrying(
+                    origin.read, join_key(prefix, MANIFEST_NAME), max_bytes=MAX_MANIFEST_BYTES
                 )
-            revision = actual
-            await self._hop(self.store.save_manifest, revision, raw)
-            if not ref.rev:
-                await self._hop(self.store.set_ref, ref.location_key, revision)
-        except BaseException:
-            origin.close()
-            raise
+            except ObjectNotFound as exc:
+                raise ModelNotFound(
+                    f"no model at {ref.location}: {MANIFEST_NAME} not found",
+                    ref=str(ref),
+                    hint="publish it with `weightcache publish DIR REF`, or write a "
+                    "manifest for uploaded files with `weightcache index REF`",
+                ) from exc
+            except OriginUnavailable:
+                offline = self._last_resolved(ref)
+                if offline is None:
+                    raise
+                log.warning(
+                    "resolve.offline ref=%s revision=%s reason=origin unavailable",
+                    ref.location,
+                    offline.revision,
+                )
+                return offline
+            revision = ""
+        manifest, actual = parse(raw)
+        if revision and actual != revision:
+            raise HashMismatch(
+                f"manifest of revision {revision} at {ref.location} hashes to {actual}",
+                ref=str(ref),
+                expected=revision,
+                actual=actual,
+            )
+        revision = actual
+        await self._hop(self.store.save_manifest, revision, raw)
+        if not ref.rev:
+            await self._hop(self.store.set_ref, ref.location_key, revision)
         return Resolved(ref, revision, manifest, origin, prefix)
 
     async def _retrying(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -237,7 +246,9 @@ class Node:
         policy = self.cfg.fetch
         for attempt in range(policy.retries + 1):
             try:
-                return await self._hop(fn, *args, **kwargs)
+                # Manifest reads count against the node-wide cap on origin requests too.
+                async with self.slots.slot(Priority.WORKER):
+                    return await self._hop(fn, *args, **kwargs)
             except OriginUnavailable as exc:
                 if attempt == policy.retries:
                     raise
@@ -335,12 +346,8 @@ class Node:
     ) -> Ensured:
         """The pull half of :meth:`ensure`, for callers that resolved the ref themselves."""
         resolved = self.clock.monotonic() - started
-        try:
-            with disk_full_as_cache_full(res.ref):
-                result = await self._ensure(res, started, on_progress, priority)
-        finally:
-            if res.origin is not None:
-                res.origin.close()
+        with disk_full_as_cache_full(res.ref):
+            result = await self._ensure(res, started, on_progress, priority)
         result.resolve_seconds = resolved
         return result
 
@@ -377,10 +384,7 @@ class Node:
             shortfall = await self._hop(self._space_shortfall, res.ref, missing)
         if shortfall is not None:
             raise shortfall
-        origin = res.origin
-        if origin is None:
-            origin, res.prefix = open_origin(res.ref, self.cfg)
-            res.origin = origin
+        origin, prefix = self.origin(res.ref)
 
         stats = FetchStats()
         done = 0
@@ -402,7 +406,7 @@ class Node:
         )
         await run_all(
             [
-                self._obtain(origin, res.prefix, entry, fetcher, stats, result, advance)
+                self._obtain(origin, prefix, entry, fetcher, stats, result, advance)
                 for entry in unique.values()
             ]
         )

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 2.0
 #: the job scheduler wakes at least this often (it is also woken by new jobs)
 SCHEDULER_TICK_S = 1.0
+#: a location's latest manifest is read at most once per this many seconds per node: a
+#: revision published now is seen by loads that start up to this long later
+RESOLVE_TTL_S = 2.0
 #: finished prefetch jobs are forgotten after this long
 JOB_RETENTION_S = 7 * 86400.0
 
@@ -159,6 +162,9 @@ class Service:
         self.errors: Counter[str] = Counter()
         self._pulls: dict[str, _Pull] = {}
         self._flight: SingleFlight[str, Ensured] = SingleFlight()
+        self._resolve_flight: SingleFlight[str, Resolved] = SingleFlight()
+        #: the latest revision of each location, and when it was read
+        self._latest: dict[str, tuple[float, Resolved]] = {}
         self._pending = 0
         #: revisions just pulled whose requesters have not taken their leases yet
         self._fresh: set[str] = set()
@@ -248,7 +254,7 @@ class Service:
         try:
             parsed = self.node.parse(ref)
             with disk_full_as_cache_full(parsed):
-                res = await self.node.resolve(parsed)
+                res = await self._resolve(parsed)
             ensured, coalesced = await self._pull(res, started, priority, on_progress)
         except WeightcacheError as exc:
             self.errors[exc.code] += 1
@@ -267,6 +273,19 @@ class Service:
         finally:
             self._fresh.discard(ensured.revision)  # leased now, or not wanted
         return EnsureResult(ensured, held, coalesced)
+
+    async def _resolve(self, ref: Ref) -> Resolved:
+        """Resolve a ref, reading a location's latest manifest once for every request
+        that asks within :data:`RESOLVE_TTL_S` (not once per worker of a storm)."""
+        if ref.rev:
+            return await self.node.resolve(ref)
+        key = ref.location
+        cached = self._latest.get(key)
+        if cached is not None and self.clock.monotonic() - cached[0] < RESOLVE_TTL_S:
+            return cached[1]
+        res, _ = await self._resolve_flight.run(key, lambda: self.node.resolve(ref))
+        self._latest[key] = (self.clock.monotonic(), res)
+        return res
 
     async def _pull(
         self,
@@ -290,8 +309,6 @@ class Service:
         if pull is None and len(self._pulls) >= self.cfg.daemon.max_pending:
             # Joining a running pull or reading the cache is always admitted; what is
             # bounded is the number of distinct pulls queued for origin slots.
-            if res.origin is not None:
-                res.origin.close()
             self.counters["overloaded"] += 1
             raise Overloaded(
                 f"{len(self._pulls)} pulls are already in progress or queued (daemon.max_pending)",
@@ -308,8 +325,6 @@ class Service:
             self._pulls[rev] = pull
         else:
             pull.waiters += 1
-            if res.origin is not None:
-                res.origin.close()  # the running pull has its own connection
         if on_progress:
             pull.listeners.append(on_progress)
 

@@ -57,8 +57,9 @@ def test_32_workers_one_cold_ref_one_pull(s3: Any, tmp_path: Path) -> None:
             results.append(json.loads(out.strip().splitlines()[-1]))
 
         sent = s3.sent_bytes() - before
-        # One pull: the model once, plus one manifest read per ensure (each resolves).
-        assert model_bytes <= sent <= model_bytes + 32 * manifest, (sent, model_bytes)
+        # One pull: the model once, plus the manifest, read once per resolve window
+        # (concurrent resolves of a location share one read), not once per worker.
+        assert model_bytes <= sent <= model_bytes + 8 * manifest, (sent, model_bytes, manifest)
         assert {r["digest"] for r in results} == {want}
         assert {r["report"]["mode"] for r in results} == {"daemon"}
         assert {r["report"]["revision"] for r in results} == {published.revision}
