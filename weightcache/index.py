@@ -11,12 +11,17 @@ cull rows past a 1 GiB size limit; here nothing is ever evicted by diskcache.
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict, cast
 
 import diskcache
+
+from weightcache.errors import CacheFull
 
 
 class BlobRecord(TypedDict):
@@ -50,9 +55,43 @@ _SETTINGS: dict[str, Any] = {
 }
 
 
+#: what SQLite says when the file system is full: SQLITE_FULL once the index is
+#: open; SQLITE_IOERR_SHMSIZE when opening it needs a new WAL shared-memory file
+_FULL_ERRORS = frozenset({"SQLITE_FULL", "SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_WRITE"})
+
+
+def _disk_full(exc: sqlite3.Error, directory: str) -> bool:
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL":
+        return True
+    if name in _FULL_ERRORS:  # an I/O error is a full disk only if the disk is full
+        try:
+            return shutil.disk_usage(directory).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
+@contextmanager
+def _full_as_cache_full(directory: str) -> Iterator[None]:
+    """SQLite failing for want of space is the cache's file system being full."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if _disk_full(exc, directory):
+            raise CacheFull(
+                f"disk full writing the cache index in {directory}: {exc}",
+                hint="free disk space or raise cache.reserve_bytes so pulls stop earlier",
+                path=directory,
+            ) from exc
+        raise
+
+
 class Index:
     def __init__(self, directory: Path, *, timeout_s: float = 60.0) -> None:
-        self._cache = diskcache.Cache(str(directory), timeout=timeout_s, **_SETTINGS)
+        self._dir = str(directory)
+        with _full_as_cache_full(self._dir):
+            self._cache = diskcache.Cache(self._dir, timeout=timeout_s, **_SETTINGS)
 
     def close(self) -> None:
         self._cache.close()
@@ -60,23 +99,26 @@ class Index:
     # -- blobs -----------------------------------------------------------------
 
     def add_blob(self, digest: str, size: int) -> None:
-        now = time.time()
-        self._cache.set(("blob", digest), BlobRecord(size=size, created=now, accessed=now))
+        with _full_as_cache_full(self._dir):
+            now = time.time()
+            self._cache.set(("blob", digest), BlobRecord(size=size, created=now, accessed=now))
 
     def touch_blobs(self, digests: list[str]) -> None:
-        now = time.time()
-        with self._cache.transact():
-            for digest in digests:
-                rec = cast(BlobRecord | None, self._cache.get(("blob", digest)))
-                if rec is not None:
-                    rec["accessed"] = now
-                    self._cache.set(("blob", digest), rec)
+        with _full_as_cache_full(self._dir):
+            now = time.time()
+            with self._cache.transact():
+                for digest in digests:
+                    rec = cast(BlobRecord | None, self._cache.get(("blob", digest)))
+                    if rec is not None:
+                        rec["accessed"] = now
+                        self._cache.set(("blob", digest), rec)
 
     def blob(self, digest: str) -> BlobRecord | None:
         return cast(BlobRecord | None, self._cache.get(("blob", digest)))
 
     def drop_blob(self, digest: str) -> None:
-        self._cache.delete(("blob", digest))
+        with _full_as_cache_full(self._dir):
+            self._cache.delete(("blob", digest))
 
     def blobs(self) -> Iterator[tuple[str, BlobRecord]]:
         for key in list(self._cache.iterkeys()):
@@ -88,22 +130,24 @@ class Index:
     # -- snapshots ---------------------------------------------------------------
 
     def add_snapshot(self, rev: str, location: str, files: int, nbytes: int) -> None:
-        now = time.time()
-        old = cast(SnapshotRecord | None, self._cache.get(("snapshot", rev)))
-        rec = SnapshotRecord(
-            location=location,
-            files=files,
-            bytes=nbytes,
-            created=old["created"] if old else now,
-            accessed=now,
-        )
-        self._cache.set(("snapshot", rev), rec)
+        with _full_as_cache_full(self._dir):
+            now = time.time()
+            old = cast(SnapshotRecord | None, self._cache.get(("snapshot", rev)))
+            rec = SnapshotRecord(
+                location=location,
+                files=files,
+                bytes=nbytes,
+                created=old["created"] if old else now,
+                accessed=now,
+            )
+            self._cache.set(("snapshot", rev), rec)
 
     def snapshot(self, rev: str) -> SnapshotRecord | None:
         return cast(SnapshotRecord | None, self._cache.get(("snapshot", rev)))
 
     def drop_snapshot(self, rev: str) -> None:
-        self._cache.delete(("snapshot", rev))
+        with _full_as_cache_full(self._dir):
+            self._cache.delete(("snapshot", rev))
 
     def snapshots(self) -> Iterator[tuple[str, SnapshotRecord]]:
         for key in list(self._cache.iterkeys()):
@@ -115,10 +159,12 @@ class Index:
     # -- records of the daemon (leases, jobs) ------------------------------------------
 
     def put(self, key: tuple[str, str], value: dict[str, Any]) -> None:
-        self._cache.set(key, value)
+        with _full_as_cache_full(self._dir):
+            self._cache.set(key, value)
 
     def delete(self, key: tuple[str, str]) -> None:
-        self._cache.delete(key)
+        with _full_as_cache_full(self._dir):
+            self._cache.delete(key)
 
     def items(self, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in list(self._cache.iterkeys()):
@@ -130,7 +176,8 @@ class Index:
     # -- counters ------------------------------------------------------------------
 
     def incr(self, name: str, delta: int = 1) -> None:
-        self._cache.incr(("counter", name), delta, default=0)
+        with _full_as_cache_full(self._dir):
+            self._cache.incr(("counter", name), delta, default=0)
 
     def counters(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -64,6 +64,22 @@ T = TypeVar("T")
 LOCK_POLL_S = 0.05
 
 
+class _NoIndex:
+    """Stands in for the advisory index when a full disk keeps it from opening."""
+
+    def snapshots(self) -> list[Any]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise CacheFull("the cache index could not be opened: the disk is full")
+
+        return fail
+
+
 @dataclass(frozen=True, slots=True)
 class LocalFile:
     path: str
@@ -127,7 +143,11 @@ class Node:
     def __post_init__(self) -> None:
         self.store = Store(self.cfg.cache.dir)
         self.store.ensure_layout()
-        self.index = Index(self.store.index_dir)
+        try:
+            self.index: Any = Index(self.store.index_dir)
+        except CacheFull as exc:
+            log.warning("index.unavailable reason=%s", exc.message)
+            self.index = _NoIndex()
         self.executor = ThreadPoolExecutor(
             max_workers=self.cfg.fetch.concurrency + 4, thread_name_prefix="weightcache-io"
         )
@@ -365,8 +385,7 @@ class Node:
         )
         if await self._hop(self.store.has_snapshot, rev):
             result.cache_hit = True
-            await self._hop(self._touch, rev, res.ref.location, manifest)
-            await self._hop(self.index.incr, "hits")
+            await self._hop(self._touch_hit, rev, res.ref.location, manifest)
             if on_progress:
                 on_progress(Progress(manifest.total_bytes, manifest.total_bytes))
             result.seconds = self.clock.monotonic() - started
@@ -526,6 +545,14 @@ class Node:
             budget_bytes=budget,
             shortfall_bytes=shortfall,
         )
+
+    def _touch_hit(self, rev: str, location: str, manifest: Manifest) -> None:
+        # Bookkeeping only (the index is advisory): a full disk must not fail a hit.
+        try:
+            self._touch(rev, location, manifest)
+            self.index.incr("hits")
+        except CacheFull as exc:
+            log.warning("index.write_skipped revision=%s reason=%s", rev[:16], exc.message)
 
     def _touch(self, rev: str, location: str, manifest: Manifest) -> None:
         self.index.add_snapshot(rev, location, len(manifest.files), manifest.total_bytes)

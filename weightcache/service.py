@@ -27,6 +27,7 @@ from typing import Any
 from weightcache import __version__
 from weightcache.config import Config
 from weightcache.errors import (
+    CacheFull,
     ModelLeased,
     ModelNotFound,
     NotFound,
@@ -397,7 +398,11 @@ class Service:
         if lease is None:
             lease = Lease(secrets.token_hex(12), revision, pid, now, now + ttl)
             self._leases[lease.id] = lease
-        await self._hop(self.node.index.put, ("lease", lease.id), lease.to_json())
+        try:
+            await self._hop(self.node.index.put, ("lease", lease.id), lease.to_json())
+        except CacheFull as exc:
+            # Held in memory all the same; only a restart would forget it.
+            log.warning("lease.not_persisted id=%s reason=%s", lease.id, exc.message)
         return lease
 
     async def release_lease(self, lease_id: str) -> None:
@@ -421,8 +426,10 @@ class Service:
                 )
                 log.info("pull.resumed revision=%s", rev[:16])
             except WeightcacheError as exc:
-                await self._hop(self.node.index.delete, ("pull", rev))
                 log.warning("pull.resume_failed revision=%s code=%s", rev[:16], exc.code)
+            # Finished, failed, or found complete (a kill after the snapshot was
+            # linked, before the record was dropped): nothing is left to resume.
+            await self._hop(self.node.index.delete, ("pull", rev))
 
     async def _reaper(self) -> None:
         while True:
@@ -511,6 +518,10 @@ class Service:
     async def _make_room(self, need: int, protect: set[str]) -> None:
         async with self._evict_lock:
             chosen = await self._hop(self._evict_plan, need, protect)
+            if chosen.shortfall:
+                # Even every allowed eviction would not make the pull fit: it fails
+                # with cache_full anyway, so evict nothing.
+                return
             await self._hop(self._apply, chosen, "make_room")
 
     async def _enforce_budget(self) -> None:

@@ -320,6 +320,8 @@ class Store:
     # -- refs ------------------------------------------------------------------
 
     def set_ref(self, location_key: str, rev: str) -> None:
+        if self.get_ref(location_key) == rev:
+            return  # unchanged: no write (a hit on a full disk must not need one)
         self._atomic_write(self.refs / location_key, rev.encode())
 
     def get_ref(self, location_key: str) -> str | None:
