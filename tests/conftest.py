@@ -26,6 +26,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     gc.collect()
 
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> object:
+    # The same SystemError can strike while pytest renders a failure: collect the
+    # failed test's garbage (and its finalisers) before the report is built.
+    try:
+        return (yield)
+    finally:
+        import gc
+
+        gc.collect()
+
+
 # Credentials and endpoints a developer may have exported: a test must never reach them.
 _AWS_VARS = (
     "AWS_ACCESS_KEY_ID",

@@ -90,6 +90,11 @@ def parse_ref(text: str, *, default_bucket: str = "") -> Ref:
         raise RefInvalid(f"a ref is a string, got {type(text).__name__}", ref=repr(text))
     if not text or len(text) > MAX_REF_LEN:
         raise RefInvalid(f"a ref is 1 to {MAX_REF_LEN} characters long", ref=text[:100])
+    try:
+        # JSON can carry lone surrogates (\ud800) that no path or URL can.
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RefInvalid("a ref must be valid Unicode text", ref=repr(text[:100])) from None
     if any(ord(c) < 0x20 or c == "\x7f" for c in text):
         raise RefInvalid("a ref may not contain control characters", ref=repr(text[:100]))
     if text != text.strip():

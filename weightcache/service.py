@@ -66,6 +66,12 @@ class Lease:
     pid: int | None
     created: float
     expires: float
+    #: who holds it when there is no pid (a TCP peer's address)
+    client: str | None = None
+
+    @property
+    def owner(self) -> str | None:
+        return f"pid:{self.pid}" if self.pid is not None else self.client
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -244,7 +250,10 @@ class Service:
         pid: int | None = None,
         lease: bool = True,
         on_progress: Callable[[ProgressEvent], None] | None = None,
+        client: str | None = None,
     ) -> EnsureResult:
+        """Make ``ref`` local for a client: ``pid`` (a local process, from the Unix
+        socket) or ``client`` (a TCP peer) owns the lease and its count."""
         if self._closing:
             raise ShuttingDown(
                 "the daemon is shutting down", hint="retry against the restarted daemon"
@@ -270,7 +279,7 @@ class Service:
             self.counters["misses"] += 1
         self.counters["served_bytes"] += ensured.total_bytes
         try:
-            held = await self._grant_lease(ensured.revision, pid) if lease else None
+            held = await self._grant_lease(ensured.revision, pid, client) if lease else None
         finally:
             self._fresh.discard(ensured.revision)  # leased now, or not wanted
         return EnsureResult(ensured, held, coalesced)
@@ -379,24 +388,25 @@ class Service:
 
     # -- leases -------------------------------------------------------------------
 
-    async def _grant_lease(self, revision: str, pid: int | None) -> Lease:
+    async def _grant_lease(self, revision: str, pid: int | None, client: str | None) -> Lease:
         now = self.wall()
         ttl = self.cfg.daemon.lease_ttl_s
+        owner = f"pid:{pid}" if pid is not None else client
         lease: Lease | None = None
-        if pid is not None:
+        if owner is not None:
             for existing in self._leases.values():
-                if existing.pid == pid and existing.revision == revision:
+                if existing.owner == owner and existing.revision == revision:
                     existing.expires = now + ttl  # renewal, not a new lease
                     lease = existing
                     break
-            held = sum(1 for x in self._leases.values() if x.pid == pid)
+            held = sum(1 for x in self._leases.values() if x.owner == owner)
             if lease is None and held >= self.cfg.daemon.max_leases_per_client:
                 raise TooManyLeases(
-                    f"process {pid} holds {held} leases (daemon.max_leases_per_client)",
+                    f"{owner} holds {held} leases (daemon.max_leases_per_client)",
                     hint="release leases with POST /v1/leases/{id}/release",
                 )
         if lease is None:
-            lease = Lease(secrets.token_hex(12), revision, pid, now, now + ttl)
+            lease = Lease(secrets.token_hex(12), revision, pid, now, now + ttl, client)
             self._leases[lease.id] = lease
         try:
             await self._hop(self.node.index.put, ("lease", lease.id), lease.to_json())

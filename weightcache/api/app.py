@@ -237,6 +237,14 @@ async def _body(request: web.Request, *, allow_empty: bool = False) -> dict[str,
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
+    except web.RequestPayloadError as exc:
+        # A Content-Encoding the body does not match, a broken chunked framing.
+        raise RequestInvalid(f"request body cannot be read: {exc}", field="body") from None
+    except ConnectionResetError:
+        # The client hung up mid-body: nobody reads this answer, but it is not our fault.
+        raise RequestInvalid(
+            "the connection closed before the body was complete", field="body"
+        ) from None
     return bodies.decode(raw, allow_empty=allow_empty)
 
 
@@ -251,6 +259,11 @@ def _json(doc: Any, status: int = 200) -> web.Response:
 # -- routes ------------------------------------------------------------------------
 
 
+def _client(request: web.Request) -> str | None:
+    """Who owns a lease taken over TCP (no pid there): the peer's address."""
+    return f"tcp:{request.remote}" if request.app[TCP] else None
+
+
 async def ensure(request: web.Request) -> web.StreamResponse:
     body = bodies.parse_ensure(await _body(request))
     service = _service(request)
@@ -258,7 +271,9 @@ async def ensure(request: web.Request) -> web.StreamResponse:
     if body.stream:
         return await _ensure_stream(request, service, body, pid)
     try:
-        result = await service.ensure(body.ref, priority=body.priority, pid=pid, lease=body.lease)
+        result = await service.ensure(
+            body.ref, priority=body.priority, pid=pid, lease=body.lease, client=_client(request)
+        )
     except asyncio.CancelledError:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
@@ -294,7 +309,12 @@ async def _ensure_stream(
 
     task = asyncio.create_task(
         service.ensure(
-            body.ref, priority=body.priority, pid=pid, lease=body.lease, on_progress=on_progress
+            body.ref,
+            priority=body.priority,
+            pid=pid,
+            lease=body.lease,
+            on_progress=on_progress,
+            client=_client(request),
         ),
         name=f"weightcache-ensure-{request_id(request)}",
     )

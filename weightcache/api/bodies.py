@@ -55,6 +55,9 @@ def decode(raw: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
         doc = json.loads(raw)
     except UnicodeDecodeError as exc:
         raise RequestInvalid("request body is not UTF-8", field="body") from exc
+    except RecursionError:
+        # The C decoder recurses per level: 64 KiB of '[' is far past the limit.
+        raise RequestInvalid("request body is nested too deeply", field="body") from None
     except json.JSONDecodeError as exc:
         raise RequestInvalid(
             f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
@@ -110,7 +113,10 @@ def parse_time(value: object, name: str) -> float | None:
             f"{name} must be an RFC 3339 time or epoch seconds, got {value!r}", field=name
         )
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float, e.g. 10**400
+            seconds = math.inf
         if not math.isfinite(seconds) or seconds < 0:
             raise RequestInvalid(
                 f"{name} must be a finite, non-negative epoch time, got {value!r}", field=name

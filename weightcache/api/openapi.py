@@ -295,6 +295,7 @@ _ERROR_RESPONSES = {
     "E405": "method not allowed on this route (`method_not_allowed`)",
     "E409": "refused while leased or pulled (`model_leased`), or an ambiguous revision",
     "E413": "request body larger than `daemon.max_body_bytes` (`payload_too_large`)",
+    "E422": "the manifest at the origin is malformed or unsafe (`manifest_invalid`)",
     "E429": "too many leases held by one client (`too_many_leases`)",
     "E500": "internal error; the traceback is in the daemon's log under the request id",
     "E502": "the origin sent bytes that fail their hash, or refused the request",
@@ -325,7 +326,7 @@ def _paths() -> dict[str, Any]:
                             "application/x-ndjson": {"schema": _ref("EnsureEvent")},
                         },
                     },
-                    **_errors(400, 401, 404, 409, 413, 429, 500, 502, 503, 507),
+                    **_errors(400, 401, 404, 409, 413, 422, 429, 500, 502, 503, 507),
                 },
             }
         },
@@ -389,7 +390,7 @@ def _paths() -> dict[str, Any]:
                 "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR}],
                 "responses": {
                     "200": _json(_ref("Released"), "the lease ended"),
-                    **_errors(400, 401, 404, 500),
+                    **_errors(400, 401, 404, 413, 500),
                 },
             }
         },

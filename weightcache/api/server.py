@@ -10,6 +10,7 @@ import logging
 import socket
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from weightcache.api.app import make_app
 from weightcache.config import Config
@@ -17,6 +18,30 @@ from weightcache.errors import ConfigInvalid
 from weightcache.service import Service
 
 log = logging.getLogger(__name__)
+
+
+class _ProtocolErrors(logging.Filter):
+    """aiohttp logs what its parser refuses at ERROR, quoting the offending raw line
+    (an Authorization header with its token, say): one line at DEBUG instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = (
+                "http.bad_request status=%s error=%s",
+                (
+                    exc.code,
+                    type(exc).__name__,
+                ),
+            )
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+#: aiohttp's server-side messages, filtered
+_protocol_log = logging.getLogger("weightcache.api.http")
+_protocol_log.addFilter(_ProtocolErrors())
 
 #: pending connections per listener: a node's workers cold-start all at once
 BACKLOG = 1024
@@ -41,6 +66,7 @@ class Listeners:
         runner = web.AppRunner(
             make_app(self.service, self.cfg, tcp=tcp),
             access_log=None,
+            logger=_protocol_log,
             shutdown_timeout=HANDLER_GRACE_S,
         )
         self._runners.append(runner)
