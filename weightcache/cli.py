@@ -584,7 +584,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from weightcache.demo import run_demo
 
-    status: int = run_demo(size_mb=args.size_mb, workers=args.workers)
+    status: int = run_demo(size_mb=args.size_mb, workers=args.workers, embedded=args.embedded)
     return status
 
 
@@ -685,12 +685,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser(
-        "demo", help="what `make demo` runs: local S3, publish, load from two processes"
+        "demo", help="what `make demo` runs: local S3, publish, the daemon, two loading processes"
     )
     p.add_argument("--size-mb", type=int, default=384, help="synthetic model size (default 384)")
     p.add_argument(
         "--workers", type=int, default=2, help="concurrent loading processes (default 2)"
     )
+    p.add_argument("--embedded", action="store_true", help="no daemon: workers pull in-process")
     p.set_defaults(func=cmd_demo)
     return parser
 

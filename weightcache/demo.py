@@ -5,14 +5,25 @@ In a temporary directory, removed on exit (also on errors and Ctrl-C):
 1. start a local SeaweedFS with an S3 gateway (:mod:`weightcache.seaweed`);
 2. generate a sharded safetensors model (:mod:`weightcache.synthetic`);
 3. publish it to ``s3://demo/models/synthetic``;
-4. start N worker processes that share one cache directory, hold them at a
-   barrier until every one has imported torch and weightcache, then release
+4. start the node daemon, ``python -m weightcache daemon --socket TMP/run/weightcache.sock``,
+   with the server's ``AWS_*`` settings and an empty cache directory, its log in
+   ``TMP/daemon.log``, and wait until ``/healthz`` says it is ready;
+5. start N worker processes with ``WEIGHTCACHE_SOCKET`` pointing at it, hold them
+   at a barrier until every one has imported torch and weightcache, then release
    them together: each calls ``weightcache.load_with_report(ref, "cpu")`` and
    prints its report as one JSON line;
-5. load once more in this process (a warm load, a cache hit);
-6. check that every load saw the same revision and tensors bitwise equal to
-   ``safetensors.torch.load_file`` of the original shards, and that the origin
-   sent the model about once, not N times (its own byte counter says so).
+6. load once more in this process through the daemon (a warm load, a cache hit);
+7. ask the daemon for ``/v1/status`` (hits, misses, coalesced, origin and served
+   bytes), then stop it with SIGTERM;
+8. check that every load went through the daemon, saw the same revision and
+   tensors bitwise equal to ``safetensors.torch.load_file`` of the original
+   shards; that the origin sent the model about once, not N times (its own byte
+   counter says so); that the daemon counted one miss, pulled exactly the model
+   and exited 0.
+
+With ``embedded=True`` (``weightcache demo --embedded``) there is no daemon: the
+workers share the cache directory and pull in their own processes (one ``flock``
+per blob keeps the pull single), and the daemon's steps and checks are left out.
 
 Exit status 0 when every check holds, 1 otherwise (2 for bad arguments). The workers run this module
 as ``python -m weightcache.demo worker REF``.
@@ -23,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +50,7 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from weightcache.client.daemon import DaemonClient
     from weightcache.client.report import LoadReport
     from weightcache.seaweed import SeaweedServer
 
@@ -50,6 +63,12 @@ MAX_RATIO = 1.5
 READY_TIMEOUT_S = 90.0
 #: how long the concurrent loads may take, barrier to last report
 LOAD_TIMEOUT_S = 240.0
+#: how long the daemon may take to import its libraries, open the cache and answer /healthz
+DAEMON_READY_TIMEOUT_S = 60.0
+#: how long the daemon may take to exit after SIGTERM (its own pull checkpoint wait is 10 s)
+DAEMON_STOP_TIMEOUT_S = 30.0
+#: how much of the daemon's log a failure shows
+LOG_TAIL_LINES = 30
 
 _GO = "go"
 
@@ -239,12 +258,22 @@ class _Worker:
                     stream.close()
 
 
-def _worker_env(server_env: dict[str, str], cache_dir: Path) -> dict[str, str]:
-    # Nothing of the caller's weightcache or AWS settings may leak in: a
-    # WEIGHTCACHE_SOCKET, say, would send the workers to a daemon outside the demo.
+def _clean_env(server_env: dict[str, str], cache_dir: Path) -> dict[str, str]:
+    """The environment of the demo's processes: the server's S3 settings and the demo's cache.
+
+    Nothing of the caller's weightcache or AWS settings may leak in: a
+    WEIGHTCACHE_SOCKET, say, would send the workers to a daemon outside the demo.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTCACHE_", "AWS_"))}
     env.update(server_env)
     env["WEIGHTCACHE_CACHE_DIR"] = str(cache_dir)
+    return env
+
+
+def _worker_env(server_env: dict[str, str], cache_dir: Path, socket: Path | None) -> dict[str, str]:
+    env = _clean_env(server_env, cache_dir)
+    if socket is not None:
+        env["WEIGHTCACHE_SOCKET"] = str(socket)
     return env
 
 
@@ -271,6 +300,95 @@ def _start_workers(n: int, env: dict[str, str], cwd: Path) -> list[_Worker]:
     return workers
 
 
+# -- the node daemon --------------------------------------------------------------
+
+
+@dataclass
+class _Daemon:
+    """``python -m weightcache daemon`` as a subprocess, its log in the scratch directory."""
+
+    socket: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, tmp: Path, env: dict[str, str]) -> _Daemon:
+        socket = tmp / "run" / "weightcache.sock"
+        socket.parent.mkdir(parents=True, exist_ok=True)
+        log = tmp / "daemon.log"
+        with open(log, "wb") as out:  # the child has its own copy of the descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "weightcache", "daemon", "--socket", str(socket)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=tmp,
+            )
+        return cls(socket, log, proc)
+
+    def client(self) -> DaemonClient:
+        from weightcache.client.daemon import DaemonClient
+
+        return DaemonClient(socket_path=self.socket)
+
+    def wait_ready(self, timeout_s: float = DAEMON_READY_TIMEOUT_S) -> None:
+        """Poll ``/healthz`` until the daemon says it is ready."""
+        from weightcache.errors import WeightcacheError
+
+        client = self.client()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise DemoFailed(
+                    f"the daemon exited with status {self.proc.returncode} before it was ready"
+                )
+            try:
+                if client.health().get("ready"):
+                    return
+            except WeightcacheError:
+                pass  # no socket yet, or not answering yet
+            if time.monotonic() >= deadline:
+                raise DemoFailed(f"the daemon was not ready within {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        from weightcache.errors import WeightcacheError
+
+        try:
+            doc: dict[str, Any] = self.client().status()
+        except WeightcacheError as exc:
+            raise DemoFailed(f"GET /v1/status failed: {exc.code}: {exc.message}") from None
+        return doc
+
+    def stop(self, timeout_s: float = DAEMON_STOP_TIMEOUT_S) -> int:
+        """SIGTERM, as systemd or Kubernetes would stop it; its exit status (-9 if it hung)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        """Clean-up after an error or Ctrl-C: SIGTERM, and SIGKILL if that is not enough soon."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
 # -- the demo ----------------------------------------------------------------------
 
 
@@ -294,6 +412,7 @@ def _table(loads: list[_Load]) -> list[str]:
         "total s",
         "GB/s",
         "from origin",
+        "coalesced",
     )
     rows = [head]
     for ld in loads:
@@ -310,6 +429,7 @@ def _table(loads: list[_Load]) -> list[str]:
                 f"{r.total_s:.3f}",
                 f"{gbps:.2f}",
                 _size(r.origin_bytes),
+                _size(r.coalesced_bytes),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -388,9 +508,21 @@ def _cold_loads(n_workers: int, env: dict[str, str], cwd: Path) -> list[_Load]:
 
 
 @dataclass
+class _DaemonOutcome:
+    """What the daemon counted (``GET /v1/status``) and how it stopped."""
+
+    counters: dict[str, int]
+    exit_status: int
+    #: the end of its log, shown when a check fails
+    log_tail: str
+
+
+@dataclass
 class _Outcome:
     """Everything measured while the server ran; judged after it is gone."""
 
+    #: "daemon" or "embedded": the mode every load should report
+    mode: str
     revision: str
     model_bytes: int
     files: int
@@ -403,11 +535,26 @@ class _Outcome:
     #: the warm load against safetensors.torch.load_file of the original shards
     differences: list[str]
     want_digest: str
+    #: None in embedded mode
+    daemon: _DaemonOutcome | None = None
 
 
-def _measure(tmp: Path, size_mb: int, n_workers: int) -> _Outcome:
+def _indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def _with_log(exc: DemoFailed, daemon: _Daemon | None) -> DemoFailed:
+    """``exc``, with the end of the daemon's log when there is one."""
+    tail = daemon.tail() if daemon is not None else ""
+    if daemon is None or not tail:
+        return exc
+    return DemoFailed(f"{exc}\n  the daemon's log ({daemon.log.name}) ends:\n{_indent(tail)}")
+
+
+def _measure(tmp: Path, size_mb: int, n_workers: int, *, embedded: bool) -> _Outcome:
     import weightcache
     from weightcache.config import load_config
+    from weightcache.errors import WeightcacheError
     from weightcache.manifest import dump
     from weightcache.publish import publish
     from weightcache.refs import parse_ref
@@ -416,12 +563,14 @@ def _measure(tmp: Path, size_mb: int, n_workers: int) -> _Outcome:
 
     cache_dir = tmp / "cache"
     server = SeaweedServer(tmp / "seaweed")
+    daemon: _Daemon | None = None
     try:
         with _step("start a local S3 origin (SeaweedFS)"):
             server.start()
         _say(f"  S3 endpoint {server.endpoint}, bucket {BUCKET!r}")
         # The demo's own settings only: nothing is read from or written to os.environ.
-        cfg = load_config(env={**server.env(), "WEIGHTCACHE_CACHE_DIR": str(cache_dir)})
+        settings = {**server.env(), "WEIGHTCACHE_CACHE_DIR": str(cache_dir)}
+        cfg = load_config(env=settings)
 
         with _step(f"generate a synthetic model: {size_mb} MiB of bf16 in {SHARDS} shards"):
             model = make_model(tmp / "origin-model", total_bytes=size_mb << 20, shards=SHARDS)
@@ -434,24 +583,61 @@ def _measure(tmp: Path, size_mb: int, n_workers: int) -> _Outcome:
             f"  revision {published.revision[:16]}: {len(manifest.files)} files, "
             f"{_size(model_bytes)}, {len(model.tensor_names)} tensors"
         )
+        if not embedded:
+            with _step(
+                "start the node daemon (python -m weightcache daemon) and wait for /healthz"
+            ):
+                daemon = _Daemon.start(tmp, _clean_env(server.env(), cache_dir))
+                daemon.wait_ready()
+            _say(
+                f"  daemon pid {daemon.proc.pid}, socket {daemon.socket.relative_to(tmp)}, "
+                f"empty cache, log {daemon.log.name}"
+            )
+            # The warm load in this process finds the daemon the way the workers do.
+            cfg = load_config(env={**settings, "WEIGHTCACHE_SOCKET": str(daemon.socket)})
         _say()
 
         sent_before = server.sent_bytes(BUCKET)
-        loads = _cold_loads(n_workers, _worker_env(server.env(), cache_dir), tmp)
+        env = _worker_env(server.env(), cache_dir, daemon.socket if daemon else None)
+        loads = _cold_loads(n_workers, env, tmp)
         sent_cold = _sent_since(server, sent_before, at_least=model_bytes)
 
-        with _step("warm load in this process"):
-            tensors, warm_report = weightcache.load_with_report(REF, "cpu", config=cfg)
-        sent_warm = _sent_since(server, sent_before + sent_cold, at_least=manifest_bytes)
+        with _step("warm load in this process" + ("" if embedded else ", through the daemon")):
+            try:
+                tensors, warm_report = weightcache.load_with_report(REF, "cpu", config=cfg)
+            except WeightcacheError as exc:
+                raise DemoFailed(f"the warm load failed: {exc.code}: {exc.message}") from None
+        daemon_outcome: _DaemonOutcome | None = None
+        if daemon is not None:
+            with _step("ask the daemon for its counters (GET /v1/status)"):
+                counters = daemon.status().get("counters", {})
+            with _step("stop the daemon with SIGTERM"):
+                exit_status = daemon.stop()
+            daemon_outcome = _DaemonOutcome(
+                {k: int(v) for k, v in counters.items() if isinstance(v, int)},
+                exit_status,
+                daemon.tail(),
+            )
+        # An embedded load reads the manifest again; the daemon may reuse the one it
+        # read for the workers moments ago, so nothing is there to wait for.
+        sent_warm = _sent_since(
+            server, sent_before + sent_cold, at_least=manifest_bytes if embedded else 0
+        )
         with _step("compare with safetensors.torch.load_file of the original shards"):
             want = model.reference()
             differences = _bitwise_differences(tensors, want)
             want_digest = tensors_digest(want)
             loads.append(_Load("warm", warm_report, warm_report.tensors, tensors_digest(tensors)))
         del tensors, want
+    except DemoFailed as exc:
+        raise _with_log(exc, daemon) from None
     finally:
+        # Workers are stopped by now (_cold_loads); the daemon before the origin it talks to.
+        if daemon is not None:
+            daemon.kill()
         server.stop()
     return _Outcome(
+        mode="embedded" if embedded else "daemon",
         revision=published.revision,
         model_bytes=model_bytes,
         files=len(manifest.files),
@@ -462,6 +648,7 @@ def _measure(tmp: Path, size_mb: int, n_workers: int) -> _Outcome:
         sent_warm=sent_warm,
         differences=differences,
         want_digest=want_digest,
+        daemon=daemon_outcome,
     )
 
 
@@ -471,12 +658,21 @@ def _checks(o: _Outcome, n_workers: int) -> list[tuple[bool, str]]:
     revisions = sorted({ld.report.revision[:16] for ld in o.loads})
     counts = sorted({ld.tensors for ld in o.loads})
     digests = {ld.digest for ld in o.loads}
+    modes = sorted({ld.report.mode for ld in o.loads})
     # A worker that the scheduler starts late may find the pull already done by the
     # others and report a hit: correct, but at least one load must have been cold.
     cold = [ld for ld in workers if not ld.report.cache_hit]
     pulled = sum(ld.report.origin_bytes for ld in workers)
     differ = f" ({len(o.differences)} differ: {'; '.join(o.differences[:3])})"
-    return [
+    checks = [
+        (
+            modes == [o.mode],
+            (
+                f"every load went through the daemon (mode={', '.join(modes)})"
+                if o.mode == "daemon"
+                else f"every load ran in embedded mode (mode={', '.join(modes)})"
+            ),
+        ),
         (
             revisions == [o.revision[:16]],
             f"every load saw the published revision (saw {', '.join(revisions)})",
@@ -511,47 +707,134 @@ def _checks(o: _Outcome, n_workers: int) -> list[tuple[bool, str]]:
             f"(must be < {MAX_RATIO}x; {n_workers}.00x without the shared cache)",
         ),
     ]
+    if o.daemon is not None:
+        c = o.daemon.counters
+        requests, misses = c.get("ensure_requests", 0), c.get("misses", 0)
+        coalesced, hits = c.get("coalesced", 0), c.get("hits", 0)
+        origin = c.get("origin_bytes", 0)
+        n_loads = n_workers + 1
+        checks += [
+            (
+                requests == n_loads and misses == 1 and coalesced + hits == n_loads - 1,
+                f"the daemon counted {n_loads} requests as 1 miss and {n_loads - 1} coalesced "
+                f"or hits (requests={requests}, misses={misses}, coalesced={coalesced}, "
+                f"hits={hits})",
+            ),
+            (
+                origin == o.model_bytes,
+                f"the daemon pulled exactly the model from the origin "
+                f"(origin_bytes={origin}, model {o.model_bytes} B)",
+            ),
+            (
+                o.daemon.exit_status == 0,
+                f"the daemon stopped cleanly on SIGTERM (exit status {o.daemon.exit_status})",
+            ),
+        ]
+    return checks
+
+
+def _origin_notes(o: _Outcome, n_workers: int) -> tuple[str, str]:
+    """What the origin sent beyond the model for the concurrent loads, and for the warm one."""
+    overhead = o.sent_cold - o.model_bytes
+    manifest = f"the manifest, {_size(o.manifest_bytes)},"
+    reads = overhead // o.manifest_bytes if o.manifest_bytes else 0
+    if o.mode == "daemon":
+        if overhead == o.manifest_bytes:
+            cold = f"{manifest} read once by the daemon for all {n_workers} loads"
+        elif overhead > 0 and reads * o.manifest_bytes == overhead:
+            cold = f"{manifest} read {reads} times by the daemon"
+        else:
+            cold = f"{overhead} B; one manifest read would be {o.manifest_bytes} B"
+        who = "the daemon asks"
+    else:
+        each = n_workers * o.manifest_bytes
+        if overhead == each:
+            cold = f"{manifest} read once by each load"
+        else:
+            cold = f"{overhead} B; {n_workers} manifest reads would be {each} B"
+        who = "it asks"
+    if o.sent_warm == 0:
+        warm = "nothing: the daemon reused the manifest it had read moments before"
+    elif o.sent_warm == o.manifest_bytes:
+        warm = f"the manifest: the ref names no revision, so {who} for the latest"
+    else:
+        warm = f"{o.sent_warm} B: more than the manifest"
+    return cold, warm
+
+
+def _rows(rows: list[tuple[str, str, str]]) -> None:
+    width = max(len(label) for label, _, _ in rows)
+    for label, value, note in rows:
+        _say(f"    {label.ljust(width)}  {value:>10}  ({note})")
+
+
+def _daemon_rows(o: _Outcome, d: _DaemonOutcome, n_workers: int) -> list[tuple[str, str, str]]:
+    c = d.counters
+    n_loads = n_workers + 1
+    served = c.get("served_bytes", 0)
+    origin = c.get("origin_bytes", 0)
+    return [
+        ("requests", str(c.get("ensure_requests", 0)), f"{n_workers} workers and the warm load"),
+        ("misses", str(c.get("misses", 0)), "pulled from the origin"),
+        ("coalesced", str(c.get("coalesced", 0)), "joined that pull while it ran"),
+        ("hits", str(c.get("hits", 0)), "found the model in the cache"),
+        (
+            "origin bytes",
+            _size(origin),
+            f"{origin} B; SeaweedFS counted {o.sent_cold} B for the concurrent loads, "
+            "the manifest included",
+        ),
+        (
+            "served bytes",
+            _size(served),
+            f"{n_loads} loads of the model"
+            if served == n_loads * o.model_bytes
+            else f"{served} B; {n_loads} loads of the model would be {n_loads * o.model_bytes} B",
+        ),
+    ]
 
 
 def _verdict(o: _Outcome, n_workers: int) -> int:
     _say()
     for line in _table(o.loads):
         _say(line)
-    _say(
-        "  (fetch: pulling and verifying the blobs, or waiting for another process's pull of "
-        "them;\n   read: mapping the cached files, zero-copy on CPU; GB/s: tensor bytes over "
-        "the whole load)"
-    )
+    if o.mode == "daemon":
+        _say(
+            "  (fetch: the round trip to the daemon, which pulls and verifies the blobs once and "
+            "makes\n   the others wait for that pull; read: mapping the cached files, zero-copy "
+            "on CPU;\n   GB/s: tensor bytes over the whole load; coalesced: bytes another "
+            "request pulled)"
+        )
+    else:
+        _say(
+            "  (fetch: pulling and verifying the blobs, or waiting for another process's pull of "
+            "them;\n   read: mapping the cached files, zero-copy on CPU; GB/s: tensor bytes over "
+            "the whole load;\n   coalesced: bytes another process pulled)"
+        )
     starts = [ld.started for ld in o.loads[:-1]]
     _say(f"  the workers started their loads within {(max(starts) - min(starts)) * 1000:.2f} ms")
     _say()
 
     _say(f"  origin (SeaweedFS's own counter of bytes sent for bucket {BUCKET!r}):")
-    overhead = o.sent_cold - o.model_bytes
-    overhead_note = (
-        f"the manifest, {_size(o.manifest_bytes)}, read once by each load"
-        if overhead == n_workers * o.manifest_bytes
-        else f"{overhead} B; {n_workers} manifest reads would be {n_workers * o.manifest_bytes} B"
+    cold_note, warm_note = _origin_notes(o, n_workers)
+    _rows(
+        [
+            ("model size", _size(o.model_bytes), f"{o.model_bytes} B in {o.files} files"),
+            (
+                f"sent for the {n_workers} concurrent loads",
+                _size(o.sent_cold),
+                f"{o.sent_cold} B",
+            ),
+            ("  beyond the model", _size(o.sent_cold - o.model_bytes), cold_note),
+            ("sent for the warm load", _size(o.sent_warm), warm_note),
+        ]
     )
-    warm_note = (
-        "the manifest: the ref names no revision, so it asks for the latest"
-        if o.sent_warm <= o.manifest_bytes
-        else f"{o.sent_warm} B: more than the manifest"
-    )
-    rows = (
-        ("model size", o.model_bytes, f"{o.model_bytes} B in {o.files} files"),
-        (f"sent for the {n_workers} concurrent loads", o.sent_cold, f"{o.sent_cold} B"),
-        (
-            "  beyond the model",
-            overhead,
-            overhead_note,
-        ),
-        ("sent for the warm load", o.sent_warm, warm_note),
-    )
-    width = max(len(label) for label, _, _ in rows)
-    for label, n, note in rows:
-        _say(f"    {label.ljust(width)}  {_size(n):>10}  ({note})")
     _say()
+    if o.daemon is not None:
+        _say("  daemon (its own counters, GET /v1/status on its socket):")
+        _rows(_daemon_rows(o, o.daemon, n_workers))
+        _say(f"  daemon stopped on SIGTERM with exit status {o.daemon.exit_status}")
+        _say()
 
     checks = _checks(o, n_workers)
     for ok, text in checks:
@@ -559,17 +842,26 @@ def _verdict(o: _Outcome, n_workers: int) -> int:
     _say()
     failed = [text for ok, text in checks if not ok]
     if failed:
+        if o.daemon is not None and o.daemon.log_tail:
+            _say("the daemon's log ended:")
+            _say(_indent(o.daemon.log_tail))
+            _say()
         _say(f"demo FAILED: {len(failed)} check(s) did not hold:")
         for text in failed:
             _say(f"  - {text}")
         return 1
     ratio = o.sent_cold / o.model_bytes
-    _say(f"origin sent {ratio:.2f}x the model for {n_workers} concurrent loads")
+    how = "through the daemon" if o.mode == "daemon" else "in embedded mode"
+    _say(f"origin sent {ratio:.2f}x the model for {n_workers} concurrent loads {how}")
     return 0
 
 
-def run_demo(size_mb: int = 384, workers: int = 2) -> int:
-    """Run the demo, printing an account to stdout; 0 when every check holds."""
+def run_demo(size_mb: int = 384, workers: int = 2, *, embedded: bool = False) -> int:
+    """Run the demo, printing an account to stdout; 0 when every check holds.
+
+    By default the workers load through a node daemon that the demo starts;
+    ``embedded=True`` runs them without one (each pulls in its own process).
+    """
     if size_mb < 1:
         _say(f"demo: --size-mb must be at least 1, got {size_mb}")
         return 2
@@ -578,17 +870,23 @@ def run_demo(size_mb: int = 384, workers: int = 2) -> int:
         return 2
     started = time.perf_counter()
     try:
-        # Everything (server data, the origin model, the node cache) lives here,
-        # and the with-blocks inside stop the workers and the server before it goes.
+        # Everything (server data, the origin model, the node cache, the daemon's
+        # socket and log) lives here, and the with-blocks inside stop the workers,
+        # the daemon and the server before it goes.
         with tempfile.TemporaryDirectory(prefix="weightcache-demo-") as tmp:
+            how = (
+                "each pulling in its own process (embedded mode, no daemon)"
+                if embedded
+                else "through the node's daemon"
+            )
             _say(
                 f"weightcache demo: {workers} processes on one node load the same "
-                f"{size_mb} MiB model at the same moment"
+                f"{size_mb} MiB model at the same moment, {how}"
             )
             _say(f"  (scratch directory {tmp}, removed at the end)")
             _say()
-            outcome = _measure(Path(tmp), size_mb, workers)
-        # The server and the scratch directory are gone: what is left is judging.
+            outcome = _measure(Path(tmp), size_mb, workers, embedded=embedded)
+        # The server, the daemon and the scratch directory are gone: what is left is judging.
         status = _verdict(outcome, workers)
     except DemoFailed as exc:
         _say(f"demo FAILED: {exc}")
