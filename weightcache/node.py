@@ -155,6 +155,8 @@ class Node:
         self._slots: PrioritySlots | None = None
         self._blob_flight: SingleFlight[str, bool] = SingleFlight()
         self._origins: dict[str, tuple[Origin, str]] = {}
+        #: set by the daemon: bytes other pulls in flight (not ``rev``) have yet to commit
+        self.reserved_bytes: Callable[[str], int] | None = None
         #: set by the daemon: frees ``need`` bytes (evicting) without touching ``protect``
         self.make_room: Callable[[int, set[str]], Awaitable[None]] | None = None
 
@@ -397,10 +399,14 @@ class Node:
         for f in manifest.files:
             unique.setdefault(f.blake3, f)
         missing = list(unique.values())
-        shortfall = await self._hop(self._space_shortfall, res.ref, missing)
-        if shortfall is not None and self.make_room is not None:
+        shortfall = await self._hop(self._space_shortfall, res.ref, missing, rev)
+        for _ in range(8):
+            # Other pulls commit blobs meanwhile: ask again until it fits or nothing
+            # more can go.
+            if shortfall is None or self.make_room is None:
+                break
             await self.make_room(shortfall.facts["shortfall_bytes"], set(unique))
-            shortfall = await self._hop(self._space_shortfall, res.ref, missing)
+            shortfall = await self._hop(self._space_shortfall, res.ref, missing, rev)
         if shortfall is not None:
             raise shortfall
         origin, prefix = self.origin(res.ref)
@@ -503,7 +509,9 @@ class Node:
         # The lock file goes once the blob is committed: nobody needs it again.
         lock.release(unlink=self.store.has_blob(digest, size))
 
-    def _space_shortfall(self, ref: Ref, entries: list[FileEntry]) -> CacheFull | None:
+    def _space_shortfall(
+        self, ref: Ref, entries: list[FileEntry], rev: str = ""
+    ) -> CacheFull | None:
         """The CacheFull a pull of ``entries`` would hit now, or None if it fits."""
         needed = 0
         for e in entries:
@@ -520,6 +528,8 @@ class Node:
         reserve = self.cfg.cache.reserve_bytes
         budget = self.cfg.cache.max_bytes
         used = self.store.blob_bytes() if budget else 0
+        if budget and self.reserved_bytes is not None:
+            used += self.reserved_bytes(rev)
         shortfall = bytes_to_free(
             used=used, incoming=needed, budget=budget, free=free, reserve=reserve
         )

@@ -68,6 +68,8 @@ class Lease:
     expires: float
     #: who holds it when there is no pid (a TCP peer's address)
     client: str | None = None
+    #: ensures of the same owner that share the lease; it ends when the last releases
+    holders: int = 1
 
     @property
     def owner(self) -> str | None:
@@ -163,6 +165,7 @@ class Service:
         self.wall = wall
         self.node = Node(cfg, clock=self.clock, rng=rng or random.Random())
         self.node.make_room = self._make_room
+        self.node.reserved_bytes = self._reserved_bytes
         self.node_name = cfg.daemon.node_name or socket.gethostname()
         self.started_at = wall()
         self.counters: Counter[str] = Counter()
@@ -175,6 +178,8 @@ class Service:
         self._pending = 0
         #: revisions just pulled whose requesters have not taken their leases yet
         self._fresh: set[str] = set()
+        #: revisions an ensure found cached and has not leased yet: never evicted
+        self._pinned: Counter[str] = Counter()
         self._closing = False
         self._leases: dict[str, Lease] = {}
         self._jobs: dict[str, Job] = {}
@@ -265,7 +270,7 @@ class Service:
             parsed = self.node.parse(ref)
             with disk_full_as_cache_full(parsed):
                 res = await self._resolve(parsed)
-            ensured, coalesced = await self._pull(res, started, priority, on_progress)
+            ensured, coalesced, pinned = await self._pull(res, started, priority, on_progress)
         except WeightcacheError as exc:
             self.errors[exc.code] += 1
             raise
@@ -282,6 +287,8 @@ class Service:
             held = await self._grant_lease(ensured.revision, pid, client) if lease else None
         finally:
             self._fresh.discard(ensured.revision)  # leased now, or not wanted
+            if pinned:
+                self._unpin(ensured.revision)
         return EnsureResult(ensured, held, coalesced)
 
     async def _resolve(self, ref: Ref) -> Resolved:
@@ -303,17 +310,30 @@ class Service:
         started: float,
         priority: Priority,
         on_progress: Callable[[ProgressEvent], None] | None,
-    ) -> tuple[Ensured, bool]:
+    ) -> tuple[Ensured, bool, bool]:
+        """(result, joined another request's pull, pinned: the caller must unpin)."""
         rev = res.revision
-        if rev not in self._pulls and await self._hop(self.node.store.has_snapshot, rev):
-            ensured = await self.node.ensure_resolved(res, started, priority=priority)
+        cached = False
+        if rev not in self._pulls:
+            # Checked under the eviction lock and pinned before it is released: no
+            # eviction is half-way (plan chosen, not yet applied) and none can pick it.
+            async with self._evict_lock:
+                cached = await self._hop(self.node.store.has_snapshot, rev)
+                if cached:
+                    self._pinned[rev] += 1
+        if cached:
+            try:
+                ensured = await self.node.ensure_resolved(res, started, priority=priority)
+            except BaseException:
+                self._unpin(rev)
+                raise
             if on_progress:
                 on_progress(
                     ProgressEvent(
                         ensured.ref, ensured.total_bytes, ensured.total_bytes, 0.0, "cache"
                     )
                 )
-            return ensured, False
+            return ensured, False, True
 
         pull = self._pulls.get(rev)
         if pull is None and len(self._pulls) >= self.cfg.daemon.max_pending:
@@ -384,7 +404,7 @@ class Service:
             ensured = replace(
                 ensured, origin_bytes=0, reused_bytes=0, coalesced_bytes=ensured.total_bytes
             )
-        return ensured, joined
+        return ensured, joined, False
 
     # -- leases -------------------------------------------------------------------
 
@@ -397,6 +417,7 @@ class Service:
             for existing in self._leases.values():
                 if existing.owner == owner and existing.revision == revision:
                     existing.expires = now + ttl  # renewal, not a new lease
+                    existing.holders += 1
                     lease = existing
                     break
             held = sum(1 for x in self._leases.values() if x.owner == owner)
@@ -416,10 +437,20 @@ class Service:
         return lease
 
     async def release_lease(self, lease_id: str) -> None:
-        lease = self._leases.pop(lease_id, None)
+        lease = self._leases.get(lease_id)
         if lease is None:
             raise NotFound(f"no lease {lease_id!r}", lease=lease_id)
+        lease.holders -= 1
+        if lease.holders > 0:
+            await self._hop(self.node.index.put, ("lease", lease_id), lease.to_json())
+            return
+        self._leases.pop(lease_id, None)
         await self._hop(self.node.index.delete, ("lease", lease_id))
+
+    def _unpin(self, rev: str) -> None:
+        self._pinned[rev] -= 1
+        if self._pinned[rev] <= 0:
+            del self._pinned[rev]
 
     def leased_revisions(self) -> set[str]:
         return {lease.revision for lease in self._leases.values()}
@@ -480,6 +511,17 @@ class Service:
             log.error("cache.corrupt_manifest revision=%s error=%s", rev[:16], exc)
             return None
 
+    def _reserved_bytes(self, rev: str) -> int:
+        """Bytes the other pulls in flight will still commit (blocking; in a hop)."""
+        store = self.node.store
+        pending: dict[str, int] = {}
+        for other in tuple(self._pulls):
+            manifest = store.load_manifest(other) if other != rev else None
+            for f in manifest.files if manifest else ():
+                if f.blake3 not in pending and not store.has_blob(f.blake3, f.size):
+                    pending[f.blake3] = f.size
+        return sum(pending.values())
+
     def _pulling_blobs(self) -> set[str]:
         blobs: set[str] = set()
         for rev in self._pulls:
@@ -494,7 +536,10 @@ class Service:
             self._revisions(),
             sizes,
             need=need,
-            protected_revisions=self.leased_revisions() | set(self._pulls) | self._fresh,
+            protected_revisions=self.leased_revisions()
+            | set(self._pulls)
+            | self._fresh
+            | set(self._pinned),
             protected_blobs=protect | self._pulling_blobs(),
         )
 

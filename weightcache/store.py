@@ -221,7 +221,11 @@ class Store:
     def iter_blobs(self) -> Iterator[tuple[str, int]]:
         for entry in os.scandir(self.blobs):
             if is_digest(entry.name) and entry.is_file(follow_symlinks=False):
-                yield entry.name, entry.stat().st_size
+                try:
+                    size = entry.stat().st_size
+                except FileNotFoundError:
+                    continue  # evicted between the listing and the stat
+                yield entry.name, size
 
     def quarantine_blob(self, digest: str) -> Path:
         target = self.quarantine / f"{digest}.{uuid.uuid4().hex[:8]}"

@@ -671,6 +671,9 @@ def test_leases_per_client_are_bounded(tmp_path: Path) -> None:
         assert refused.json()["error"]["code"] == "too_many_leases"
         assert served.post("/v1/ensure", {"ref": refs[2], "lease": False}).status == 200
         lease_id = first.json()["lease"]["id"]
+        # The renewed lease has two holders: it ends when both have released it.
+        assert served.call("POST", f"/v1/leases/{lease_id}/release").status == 200
+        assert served.post("/v1/ensure", {"ref": refs[2]}).status == 429
         assert served.call("POST", f"/v1/leases/{lease_id}/release").status == 200
         assert served.post("/v1/ensure", {"ref": refs[2]}).status == 200
         assert served.call("GET", "/v1/status").json()["leases"] == 2

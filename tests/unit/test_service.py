@@ -113,7 +113,10 @@ async def test_leases_are_renewed_bounded_and_released(tmp_path: Path) -> None:
         await service.ensure(refs[1], pid=os.getpid())
         with pytest.raises(TooManyLeases):
             await service.ensure(refs[2], pid=os.getpid())
-        await service.release_lease(first.lease.id)
+        await service.release_lease(first.lease.id)  # one of its two holders
+        with pytest.raises(TooManyLeases):
+            await service.ensure(refs[2], pid=os.getpid())
+        await service.release_lease(first.lease.id)  # the last holder: the lease ends
         await service.ensure(refs[2], pid=os.getpid())
     finally:
         await service.close()
