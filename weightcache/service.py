@@ -173,6 +173,7 @@ class Service:
         self._pulls: dict[str, _Pull] = {}
         self._flight: SingleFlight[str, Ensured] = SingleFlight()
         self._resolve_flight: SingleFlight[str, Resolved] = SingleFlight()
+        self._status_flight: SingleFlight[str, dict[str, Any]] = SingleFlight()
         #: the latest revision of each location, and when it was read
         self._latest: dict[str, tuple[float, Resolved]] = {}
         self._pending = 0
@@ -805,6 +806,12 @@ class Service:
         return rows
 
     async def status(self) -> dict[str, Any]:
+        """The node's state. Concurrent callers share one snapshot (a scrape storm
+        costs one scan of the cache, not one per request); treat it as read-only."""
+        doc, _ = await self._status_flight.run("status", self._status)
+        return doc
+
+    async def _status(self) -> dict[str, Any]:
         disk = await self._hop(self._disk)
         models = await self._hop(self._models)
         now = self.clock.monotonic()
