@@ -71,7 +71,7 @@ class _NoIndex:
         return []
 
     def close(self) -> None:
-        pass
+        return None  # nothing was opened
 
     def __getattr__(self, name: str) -> Any:
         def fail(*args: Any, **kwargs: Any) -> None:

@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch as safetensors_torch
+import torch
 
-torch = pytest.importorskip("torch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-
-from weightcache.client.cpu import read_file  # noqa: E402
-from weightcache.client.dtypes import torch_dtype, torch_shape  # noqa: E402
-from weightcache.client.header import DTYPE_BITS  # noqa: E402
-from weightcache.client.selection import make_selector  # noqa: E402
-from weightcache.errors import HeaderInvalid  # noqa: E402
+from weightcache.client.cpu import read_file
+from weightcache.client.dtypes import torch_dtype, torch_shape
+from weightcache.client.header import DTYPE_BITS
+from weightcache.client.selection import make_selector
+from weightcache.errors import HeaderInvalid
 
 FLOAT_NANS = {
     # Quiet, signalling and negative NaNs with payloads: a loader that goes
@@ -190,7 +189,6 @@ def mapped_bytes(path: Path) -> int:
     return total
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
 def test_selection_maps_only_the_selected_span(tmp_path: Path) -> None:
     # A tensor-parallel rank selecting one small tensor of a large file maps a
     # page or so, not the file.
