@@ -19,6 +19,7 @@ import re
 import tomllib
 import types
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -195,10 +196,8 @@ def _coerce(value: Any, hint: Any, name: str, from_text: bool) -> Any:
         if isinstance(value, str) and name.endswith(("_bytes", "_bytes_per_s")):
             return parse_size(value)
         if isinstance(value, str) and from_text:
-            try:
+            with suppress(ValueError):
                 return int(value)
-            except ValueError:
-                pass
         raise ValueError(f"must be an integer, got {value!r}")
     if hint is float:
         if isinstance(value, bool):
@@ -206,10 +205,8 @@ def _coerce(value: Any, hint: Any, name: str, from_text: bool) -> Any:
         if isinstance(value, int | float):
             return float(value)
         if isinstance(value, str) and from_text:
-            try:
+            with suppress(ValueError):
                 return float(value)
-            except ValueError:
-                pass
         raise ValueError(f"must be a number, got {value!r}")
     if hint is str:
         if not isinstance(value, str):

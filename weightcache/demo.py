@@ -343,11 +343,9 @@ class _Daemon:
                 raise DemoFailed(
                     f"the daemon exited with status {self.proc.returncode} before it was ready"
                 )
-            try:
+            with suppress(WeightcacheError):  # no socket yet, or not answering yet
                 if client.health().get("ready"):
                     return
-            except WeightcacheError:
-                pass  # no socket yet, or not answering yet
             if time.monotonic() >= deadline:
                 raise DemoFailed(f"the daemon was not ready within {timeout_s:.0f} s")
             time.sleep(0.05)

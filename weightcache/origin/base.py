@@ -37,25 +37,23 @@ class Origin(Protocol):
 
     def read(self, key: str, *, max_bytes: int) -> bytes:
         """A whole small object (a manifest); refuse one larger than ``max_bytes``."""
-        ...
 
     def open_range(
         self, key: str, offset: int, length: int
     ) -> AbstractContextManager[Iterator[bytes]]:
         """Stream ``length`` bytes of ``key`` from ``offset``, in pieces."""
-        ...
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object whose key starts with ``prefix + '/'``, recursively."""
-        ...
 
-    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Store a small object whole (a manifest)."""
 
     def write_file(self, key: str, path: Path, *, part_bytes: int) -> None:
         """Upload a local file (multipart where the system has it)."""
-        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release connections; the origin is not used afterwards."""
 
 
 def join_key(prefix: str, path: str) -> str:
