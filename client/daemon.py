@@ -163,12 +163,17 @@ ProgressFn = Callable[[Progress], None]
 # -- transport -----------------------------------------------------------------
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a Unix stream socket; ``timeout`` bounds the connect only."""
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix stream socket; ``timeout`` bounds the connect only.
 
-    def __init__(self, path: str, *, timeout: float, read_timeout: float | None) -> None:
+    Also what tests and load scenarios use to speak to a daemon's socket directly.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout: float, read_timeout: float | None
+    ) -> None:
         super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+        self.unix_path = os.fspath(path)
         self.read_timeout = read_timeout
 
     def connect(self) -> None:
@@ -183,53 +188,60 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class _TCPConnection(http.client.HTTPConnection):
+class _ReadTimeout:
+    """After the connect (and TLS handshake) under ``timeout``, reads wait ``read_timeout``."""
+
+    sock: socket.socket
+    read_timeout: float | None
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self.sock.settimeout(self.read_timeout)
+
+
+class _TCPConnection(_ReadTimeout, http.client.HTTPConnection):
     def __init__(
         self, host: str, port: int | None, *, timeout: float, read_timeout: float | None
     ) -> None:
         super().__init__(host, port, timeout=timeout)
         self.read_timeout = read_timeout
 
-    def connect(self) -> None:
-        super().connect()
-        self.sock.settimeout(self.read_timeout)
 
-
-class _TLSConnection(http.client.HTTPSConnection):
+class _TLSConnection(_ReadTimeout, http.client.HTTPSConnection):
     def __init__(
         self, host: str, port: int | None, *, timeout: float, read_timeout: float | None
     ) -> None:
         super().__init__(host, port, timeout=timeout)
         self.read_timeout = read_timeout
 
-    def connect(self) -> None:
-        super().connect()  # TCP connect and TLS handshake, under the connect timeout
-        self.sock.settimeout(self.read_timeout)
+
+_CLOSED = (
+    ConnectionResetError,
+    BrokenPipeError,
+    ConnectionAbortedError,
+    http.client.RemoteDisconnected,
+)
+#: (exception type, reason code, what the operator reads), first match wins
+_FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str, str], ...] = (
+    (FileNotFoundError, "no_socket", "the socket file does not exist"),
+    (ConnectionRefusedError, "connection_refused", "connection refused"),
+    (PermissionError, "permission_denied", "permission denied"),
+    (TimeoutError, "timeout", "timed out"),
+    (_CLOSED, "connection_closed", "the connection was closed before the answer was complete"),
+    (http.client.IncompleteRead, "connection_closed", "the answer was cut short"),
+    (socket.gaierror, "unknown_host", "unknown host"),
+    (http.client.HTTPException, "bad_response", "the answer was not HTTP"),
+)
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "no_socket"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection_refused"
-    if isinstance(exc, PermissionError):
-        return "permission_denied"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(
-        exc,
-        ConnectionResetError
-        | BrokenPipeError
-        | ConnectionAbortedError
-        | http.client.RemoteDisconnected
-        | http.client.IncompleteRead,
-    ):
-        return "connection_closed"
-    if isinstance(exc, socket.gaierror):
-        return "unknown_host"
-    if isinstance(exc, http.client.HTTPException):
-        return "bad_response"
-    return "os_error"
+def _classify(exc: BaseException) -> tuple[str, str]:
+    """(reason code, description) of a failure to reach or hear the daemon."""
+    for kind, reason, description in _FAILURES:
+        if isinstance(exc, kind):
+            return reason, description
+    if isinstance(exc, OSError) and exc.strerror:
+        return "os_error", exc.strerror.lower()
+    return "os_error", f"{type(exc).__name__}: {exc}"
 
 
 # -- the client ----------------------------------------------------------------
@@ -306,7 +318,7 @@ class DaemonClient:
 
     def _connection(self, read_timeout: float | None) -> http.client.HTTPConnection:
         if self.socket_path is not None:
-            return _UnixHTTPConnection(
+            return UnixHTTPConnection(
                 self.socket_path, timeout=self.connect_timeout_s, read_timeout=read_timeout
             )
         kind = _TLSConnection if self._scheme == "https" else _TCPConnection
@@ -332,7 +344,7 @@ class DaemonClient:
         detail: str = "",
     ) -> DaemonUnavailable:
         if exc is not None:
-            reason, detail = _reason(exc), _describe(exc)
+            reason, detail = _classify(exc)
         return DaemonUnavailable(
             f"no daemon at {self.address}: {detail} ({method} {path})",
             hint="start one with `weightcache daemon`, or point WEIGHTCACHE_SOCKET / "
@@ -566,24 +578,6 @@ class DaemonClient:
     def health(self) -> dict[str, Any]:
         """``GET /healthz``: ``{"live", "ready", ...}``; a daemon not ready (yet) answers 503."""
         return self._call("GET", "/healthz", also_ok=(503,))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "the socket file does not exist"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, PermissionError):
-        return "permission denied"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
-        return "the connection was closed before the answer was complete"
-    if isinstance(exc, http.client.IncompleteRead):
-        return "the answer was cut short"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _error_from_body(

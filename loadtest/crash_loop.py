@@ -46,7 +46,6 @@ import re
 import secrets
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,10 +57,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightcache.client.daemon import UnixHTTPConnection
+from weightcache.config import parse_size
+from weightcache.docsection import markers, put_section
+
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 REPORT = ROOT / "docs" / "reliability.md"
-BEGIN, END = "<!-- crash:begin -->", "<!-- crash:end -->"
+BEGIN, END = markers("crash")
 #: how often the driver looks at the cache and the worker threads
 POLL_S = 0.02
 #: the origin may send at most this multiple of the models' bytes
@@ -165,27 +168,11 @@ class Result:
 # -- the daemon as a subprocess ---------------------------------------------------------
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = os.fspath(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def call(
     sock: Path, method: str, path: str, body: Any = None, timeout: float = 60.0
 ) -> tuple[int, Any]:
     """One JSON request over the daemon's Unix socket."""
-    conn = _UnixConnection(sock, timeout)
+    conn = UnixHTTPConnection(sock, timeout=timeout, read_timeout=timeout)
     try:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -768,25 +755,7 @@ Last run ({time.strftime("%Y-%m-%d")}, {machine}):
 {END}"""
 
 
-def write_report(path: Path, section: str) -> None:
-    """Put ``section`` between the markers of ``path`` (appended if absent, file created)."""
-    text = path.read_text() if path.exists() else "# Reliability\n"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # -- command line ---------------------------------------------------------------------------
-
-
-def _size(text: str) -> int:
-    from weightcache.config import parse_size
-
-    return parse_size(text)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -797,9 +766,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--models", type=int, default=d.models, help="models to pull (default 20)")
     p.add_argument("--kills", type=int, default=d.kills, help="SIGKILLs of the daemon")
     p.add_argument("--shards", type=int, default=d.shards, help="safetensors shards per model")
-    p.add_argument("--shard-bytes", type=_size, default=d.shard_bytes, help="e.g. 8MiB")
-    p.add_argument("--chunk-bytes", type=_size, default=d.chunk_bytes, help="manifest chunk size")
-    p.add_argument("--rate", type=_size, default=d.rate_bytes_per_s, help="origin bytes/s")
+    p.add_argument("--shard-bytes", type=parse_size, default=d.shard_bytes, help="e.g. 8MiB")
+    p.add_argument(
+        "--chunk-bytes", type=parse_size, default=d.chunk_bytes, help="manifest chunk size"
+    )
+    p.add_argument("--rate", type=parse_size, default=d.rate_bytes_per_s, help="origin bytes/s")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="origin requests")
     p.add_argument("--window", type=int, default=d.window, help="models requested at a time")
     p.add_argument("--startup-kill-p", type=float, default=d.startup_kill_p)
@@ -870,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc.update(ratio=result.ratio, mid_pull_kills=result.mid_pull_kills)
         args.json.write_text(json.dumps(doc, indent=1, default=str))
     if args.report:
-        write_report(args.report, report_section(result, command))
+        put_section(args.report, "crash", report_section(result, command), heading="# Reliability")
         say(f"wrote {args.report}")
     if result.problems:
         print("FAILED:")

@@ -72,6 +72,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from weightcache.config import parse_size
+from weightcache.docsection import markers, put_section
 from weightcache.errors import WeightcacheError
 
 if TYPE_CHECKING:
@@ -80,7 +82,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 REPORT = ROOT / "docs" / "reliability.md"
-BEGIN, END = "<!-- load:begin -->", "<!-- load:end -->"
+BEGIN, END = markers("load")
 #: how often a waiting worker or the driver looks at the barrier files again
 POLL_S = 0.005
 
@@ -1030,25 +1032,7 @@ def report_section(result: Result, command: str) -> str:
     )
 
 
-def write_report(path: Path, section: str) -> None:
-    """Put ``section`` between the markers of ``path`` (appended if absent, file created)."""
-    text = path.read_text() if path.exists() else "# Reliability\n"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # -- command line --------------------------------------------------------------------------------
-
-
-def _size(text: str) -> int:
-    from weightcache.config import parse_size
-
-    return parse_size(text)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -1061,9 +1045,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=d.rounds, help="waves of loads")
     p.add_argument("--hold-every", type=int, default=d.hold_every, help="k: every k-th a hold")
     p.add_argument("--models", type=int, default=d.models, help="models besides the main one")
-    p.add_argument("--model-bytes", type=_size, default=d.model_bytes, help="e.g. 32MiB")
+    p.add_argument("--model-bytes", type=parse_size, default=d.model_bytes, help="e.g. 32MiB")
     p.add_argument("--shards", type=int, default=d.shards)
-    p.add_argument("--chunk-bytes", type=_size, default=d.chunk_bytes)
+    p.add_argument("--chunk-bytes", type=parse_size, default=d.chunk_bytes)
     p.add_argument("--budget-models", type=float, default=d.budget_models)
     p.add_argument("--pressure-threads", type=int, default=d.pressure_threads)
     p.add_argument("--status", type=int, default=d.status, help="concurrent status requests")
@@ -1132,7 +1116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=1, default=str))
     if args.report:
-        write_report(args.report, report_section(result, command))
+        put_section(args.report, "load", report_section(result, command), heading="# Reliability")
         say(f"wrote {args.report}")
     if result.problems:
         print("FAILED:")

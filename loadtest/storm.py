@@ -60,6 +60,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from weightcache.docsection import markers, put_section
+
 if TYPE_CHECKING:
     import torch
 
@@ -87,8 +89,7 @@ LOAD_TIMEOUT_S = 600.0
 DAEMON_READY_TIMEOUT_S = 60.0
 #: naive / weightcache origin bytes may differ from M by this fraction (manifest reads)
 RATIO_TOLERANCE = 0.01
-BEGIN_MARK = "<!-- storm:begin -->"
-END_MARK = "<!-- storm:end -->"
+BEGIN_MARK, END_MARK = markers("storm")
 
 _GO = "go"
 _EXIT = "exit"
@@ -1098,22 +1099,6 @@ def _section(run: _Run, table: list[str], checks: list[tuple[bool, str]], wall_s
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Put ``section`` between the storm markers of ``path``, leaving the rest alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin != -1 and end > begin:
-        text = text[:begin] + section + text[end + len(END_MARK) :].lstrip("\n")
-        if not text.endswith("\n"):
-            text += "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def plot(run: _Run, path: Path) -> None:
     """Per-worker ready times (box + strip), origin bytes, and origin requests over time."""
     import matplotlib
@@ -1410,7 +1395,12 @@ def main(argv: list[str]) -> int:
         out: Path = args.out
         png = out / "img" / "storm.png"
         plot(run, png)
-        write_section(out / "benchmarks.md", _section(run, table, checks, wall_s))
+        put_section(
+            out / "benchmarks.md",
+            "storm",
+            _section(run, table, checks, wall_s),
+            heading="# Benchmarks",
+        )
         _say(f"\nwrote {out / 'benchmarks.md'} (storm section) and {png}")
     failed = [text for ok, text in checks if not ok]
     _say(f"(storm took {wall_s:.0f} s)")

@@ -49,6 +49,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from weightcache.api.server import Listeners
+from weightcache.client.daemon import UnixHTTPConnection
 from weightcache.config import Config, load_config
 from weightcache.errors import RefInvalid
 from weightcache.publish import publish
@@ -86,22 +87,6 @@ class Reply:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(os.fspath(self.unix_path))
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 class _Records(logging.Handler):
@@ -230,7 +215,7 @@ class Served:
             if token is not None:
                 headers.setdefault("Authorization", f"Bearer {token}")
         else:
-            conn = _UnixConnection(self.sock_path, timeout)
+            conn = UnixHTTPConnection(self.sock_path, timeout=timeout, read_timeout=timeout)
         try:
             # Refused before the whole body was read (a 413, a 400): the answer is
             # already on its way back.

@@ -38,13 +38,13 @@ from tests.faults.test_hostile_api import (
     TOKEN,
     Reply,
     Served,
-    _UnixConnection,
     collect_before_report,
     make_model,
     raw_exchange,
     warm,
 )
 from weightcache.api import openapi
+from weightcache.client.daemon import UnixHTTPConnection
 from weightcache.config import load_config
 from weightcache.errors import OriginDenied, Unauthorized
 from weightcache.hashing import digest_bytes
@@ -391,7 +391,7 @@ class Daemon:
         if tcp:
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         else:
-            conn = _UnixConnection(self.sock, 120)
+            conn = UnixHTTPConnection(self.sock, timeout=120, read_timeout=120)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         body = json.dumps(doc).encode() if doc is not None else None
         try:

@@ -8,7 +8,6 @@ import os
 import random
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from weightcache.client.daemon import UnixHTTPConnection
 from weightcache.config import load_config
 from weightcache.publish import publish
 from weightcache.refs import parse_ref
@@ -27,22 +27,6 @@ from weightcache.refs import parse_ref
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "integration-token-4f1c"
 START_TIMEOUT_S = 60.0
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(os.fspath(self.unix_path))
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 class Daemon:
@@ -113,7 +97,11 @@ class Daemon:
     ) -> tuple[int, Any]:
         """Over the Unix socket; the body decoded as JSON."""
         status, raw, _ = self._send(
-            _UnixConnection(self.socket_path, 30.0), method, path, body, headers or {}
+            UnixHTTPConnection(self.socket_path, timeout=30.0, read_timeout=30.0),
+            method,
+            path,
+            body,
+            headers or {},
         )
         return status, json.loads(raw)
 
@@ -186,7 +174,7 @@ def test_daemon_serves_socket_and_tcp_then_stops_on_sigterm(
     assert Path(weights["local_path"]).read_bytes() == (tmp_path / "src/weights.bin").read_bytes()
 
     # Streaming over the socket: progress lines, then the result.
-    conn = _UnixConnection(sock, 30.0)
+    conn = UnixHTTPConnection(sock, timeout=30.0, read_timeout=30.0)
     conn.request("POST", "/v1/ensure", body=json.dumps({"ref": ref, "stream": True}))
     resp = conn.getresponse()
     lines = [json.loads(x) for x in resp.read().splitlines()]
@@ -238,7 +226,7 @@ def test_sigterm_during_a_pull_exits_within_the_shutdown_timeout(
 
     def worker_process() -> None:
         try:
-            conn = _UnixConnection(sock, 60.0)
+            conn = UnixHTTPConnection(sock, timeout=60.0, read_timeout=60.0)
             conn.request("POST", "/v1/ensure", body=json.dumps({"ref": ref, "stream": stream}))
             resp = conn.getresponse()
             lines: list[dict[str, Any]] = []

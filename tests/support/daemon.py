@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from weightcache.client.daemon import UnixHTTPConnection
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def call(
     sock: Path, method: str, path: str, body: Any = None, timeout: float = 120
 ) -> tuple[int, Any]:
-    conn = _UnixConnection(sock, timeout)
+    conn = UnixHTTPConnection(sock, timeout=timeout, read_timeout=timeout)
     try:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
