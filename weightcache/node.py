@@ -32,7 +32,6 @@ from weightcache.errors import (
     OriginUnavailable,
     RevisionAmbiguous,
 )
-from weightcache.evict import bytes_to_free
 from weightcache.fetch import (
     Clock,
     Fetcher,
@@ -513,7 +512,8 @@ class Node:
         self, ref: Ref, entries: list[FileEntry], rev: str = ""
     ) -> CacheFull | None:
         """The CacheFull a pull of ``entries`` would hit now, or None if it fits."""
-        needed = 0
+        needed = 0  # new disk space: a preallocated part file already holds its share
+        incoming = 0  # what the budget will count once the blobs are committed
         for e in entries:
             if self.store.has_blob(e.blake3, e.size):
                 continue
@@ -522,17 +522,22 @@ class Node:
             except FileNotFoundError:
                 allocated = 0
             needed += max(0, e.size - allocated)
-        if not needed:
+            incoming += e.size
+        if not incoming:
             return None
         free = self.store.free_bytes()
         reserve = self.cfg.cache.reserve_bytes
         budget = self.cfg.cache.max_bytes
-        used = self.store.blob_bytes() if budget else 0
-        if budget and self.reserved_bytes is not None:
-            used += self.reserved_bytes(rev)
-        shortfall = bytes_to_free(
-            used=used, incoming=needed, budget=budget, free=free, reserve=reserve
-        )
+        used = 0
+        if budget:
+            # Other pulls' bytes first, then the committed ones: a blob committed in
+            # between is counted twice (safe), never missed.
+            if self.reserved_bytes is not None:
+                used += self.reserved_bytes(rev)
+            used += self.store.blob_bytes()
+        over_budget = used + incoming - budget if budget else 0
+        under_reserve = reserve + needed - free
+        shortfall = max(0, over_budget, under_reserve)
         if not shortfall:
             return None
         if needed + reserve > free:
