@@ -32,7 +32,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check weightcache client tests loadtest
-	$(VENV)/bin/mypy weightcache client
+	$(VENV)/bin/mypy weightcache
 
 clean:
 	rm -rf $(VENV) build *.egg-info

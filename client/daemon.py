@@ -28,12 +28,12 @@ import os
 import socket
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from weightcache import __version__
 from weightcache.errors import DaemonUnavailable, Overloaded, WeightcacheError, from_dict
+from weightcache.results import Ensured, LocalFile
 
 if TYPE_CHECKING:
     from weightcache.config import Config
@@ -57,93 +57,6 @@ _USER_AGENT = f"weightcache-client/{__version__}"
 
 
 # -- results -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LocalFile:
-    """One file of an ensured revision (the client's view of ``weightcache.node.LocalFile``)."""
-
-    path: str
-    local_path: Path
-    size: int
-    blake3: str
-
-
-@dataclass
-class Ensured:
-    """A revision made local, by the daemon or in this process.
-
-    The same fields as ``weightcache.node.Ensured`` (without importing it, which
-    would pull in minio and diskcache), plus how it was made local: ``mode``
-    (``"daemon"`` or ``"embedded"``), ``source`` and the daemon's ``lease``.
-    """
-
-    ref: str
-    revision: str
-    snapshot: Path
-    files: list[LocalFile]
-    cache_hit: bool
-    total_bytes: int = 0
-    origin_bytes: int = 0
-    reused_bytes: int = 0
-    coalesced_bytes: int = 0
-    resumed_bytes: int = 0
-    retries: int = 0
-    resolve_seconds: float = 0.0
-    seconds: float = 0.0
-    mode: str = "daemon"
-    #: "cache" or "origin" (from the daemon); empty in embedded mode
-    source: str = ""
-    #: ``{id, revision, pid, expires}`` while the daemon protects the blobs from eviction
-    lease: dict[str, Any] | None = None
-    #: the whole JSON document, for fields this class does not name
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def lease_id(self) -> str | None:
-        if self.lease and self.lease.get("id") is not None:
-            return str(self.lease["id"])
-        return None
-
-    @classmethod
-    def from_json(cls, doc: Mapping[str, Any], *, mode: str = "daemon") -> Ensured:
-        """Build from the daemon's ``/v1/ensure`` result (or ``node.Ensured.to_json()``)."""
-        try:
-            files = [
-                LocalFile(
-                    path=str(f["path"]),
-                    local_path=Path(f["local_path"]),
-                    size=int(f["size"]),
-                    blake3=str(f["blake3"]),
-                )
-                for f in doc["files"]
-            ]
-            lease = doc.get("lease")
-            return cls(
-                ref=str(doc["ref"]),
-                revision=str(doc["revision"]),
-                snapshot=Path(doc["snapshot"]),
-                files=files,
-                cache_hit=bool(doc["cache_hit"]),
-                total_bytes=int(doc.get("total_bytes", sum(f.size for f in files))),
-                origin_bytes=int(doc.get("origin_bytes", 0)),
-                reused_bytes=int(doc.get("reused_bytes", 0)),
-                coalesced_bytes=int(doc.get("coalesced_bytes", 0)),
-                resumed_bytes=int(doc.get("resumed_bytes", 0)),
-                retries=int(doc.get("retries", 0)),
-                resolve_seconds=float(doc.get("resolve_seconds", 0.0)),
-                seconds=float(doc.get("seconds", 0.0)),
-                mode=mode,
-                source=str(doc.get("source") or ""),
-                lease=dict(lease) if isinstance(lease, Mapping) else None,
-                raw=dict(doc),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            # A daemon of another version, or a bug on its side: say so plainly.
-            raise WeightcacheError(
-                f"the daemon's ensure result is malformed: {type(exc).__name__}: {exc}",
-                hint="check that the daemon and the client are the same weightcache version",
-            ) from exc
 
 
 @dataclass(frozen=True, slots=True)

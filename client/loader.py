@@ -37,6 +37,7 @@ from weightcache.errors import (
     TensorNotFound,
     WeightcacheError,
 )
+from weightcache.retry import Backoff, retry_sync
 
 if TYPE_CHECKING:
     import torch
@@ -83,27 +84,28 @@ def _ensure(ref: str, cfg: Config, *, lease: bool = True) -> Ensured:
     """Make ``ref`` local: through the daemon when one answers, else in this process."""
     client = DaemonClient.from_config(cfg)
     if client is not None:
-        for attempt in range(OVERLOADED_RETRIES + 1):
-            try:
-                return Ensured.from_json(client.ensure(ref, lease=lease), mode="daemon")
-            except Overloaded as exc:
-                # The daemon's queue of distinct pulls is full; it says when to come back.
-                if attempt == OVERLOADED_RETRIES:
-                    raise
-                delay = min(OVERLOADED_MAX_WAIT_S, max(0.1, exc.retry_after_s))
-                log.info("load.overloaded attempt=%d retry_after_s=%.1f", attempt + 1, delay)
-                time.sleep(delay)
-            except (DaemonUnavailable, ShuttingDown) as exc:
-                # A daemon that is stopping takes no new work: a rolling restart must
-                # not fail the workers that start meanwhile.
-                reason = exc.facts.get("reason") or exc.code
-                log.warning(
-                    "load.fallback reason=%s daemon=%s mode=embedded", reason, client.address
-                )
-                break
+        try:
+            # The daemon's queue of distinct pulls is full: it says when to come back.
+            return retry_sync(
+                lambda: Ensured.from_json(client.ensure(ref, lease=lease), mode="daemon"),
+                Backoff(
+                    OVERLOADED_RETRIES,
+                    0.1,
+                    OVERLOADED_MAX_WAIT_S,
+                    delay_of=lambda e: max(0.1, getattr(e, "retry_after_s", 1.0)),
+                ),
+                on=Overloaded,
+                log=log,
+                what="load.overloaded",
+            )
+        except (DaemonUnavailable, ShuttingDown) as exc:
+            # A daemon that is stopping takes no new work: a rolling restart must
+            # not fail the workers that start meanwhile.
+            reason = exc.facts.get("reason") or exc.code
+            log.warning("load.fallback reason=%s daemon=%s mode=embedded", reason, client.address)
     from weightcache.node import ensure_blocking
 
-    return Ensured.from_json(ensure_blocking(ref, cfg).to_json(), mode="embedded")
+    return ensure_blocking(ref, cfg)
 
 
 def _release(ensured: Ensured, cfg: Config) -> None:

@@ -151,6 +151,14 @@ class CacheFull(WeightcacheError):
     http_status = 507
 
 
+class CacheIOError(WeightcacheError):
+    """The cache's file system failed a read or write for a reason other than a full
+    disk (EIO, a read-only remount, permissions): nothing was committed."""
+
+    code = "cache_io_error"
+    http_status = 500
+
+
 class OriginUnavailable(WeightcacheError):
     """The origin could not be reached or kept failing after every retry."""
 
@@ -173,6 +181,14 @@ class OriginRejected(WeightcacheError):
     http_status = 502
 
 
+class OriginRangeInvalid(WeightcacheError):
+    """The origin answered a ranged GET with something other than that range (it
+    ignored ``Range``, or sent another ``Content-Range``): chunked pulls cannot work."""
+
+    code = "origin_range_invalid"
+    http_status = 502
+
+
 class DaemonUnavailable(WeightcacheError):
     """No daemon answered at the configured socket or URL."""
 
@@ -182,6 +198,21 @@ class DaemonUnavailable(WeightcacheError):
 
 
 # -- daemon and API ------------------------------------------------------------
+
+
+class ResponseInvalid(WeightcacheError):
+    """The daemon answered, but not with the document the client expected (another
+    version, a proxy in between, a bug): nothing was retried or changed."""
+
+    code = "response_invalid"
+    http_status = 502
+
+
+class UnsupportedMediaType(WeightcacheError):
+    """A POST whose body is not declared ``application/json``."""
+
+    code = "unsupported_media_type"
+    http_status = 415
 
 
 class RequestInvalid(WeightcacheError):
@@ -261,10 +292,14 @@ ALL_ERRORS: tuple[type[WeightcacheError], ...] = (
     HashMismatch,
     CacheCorrupt,
     CacheFull,
+    CacheIOError,
     OriginUnavailable,
     OriginDenied,
     OriginRejected,
+    OriginRangeInvalid,
     DaemonUnavailable,
+    ResponseInvalid,
+    UnsupportedMediaType,
     RequestInvalid,
     Unauthorized,
     NotFound,

@@ -23,42 +23,24 @@ import logging
 import os
 import random
 import threading
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
+from weightcache.aio import Clock, RealClock, run_all
 from weightcache.config import FetchConfig
 from weightcache.errors import CacheFull, HashMismatch, OriginUnavailable, WeightcacheError
 from weightcache.hashing import Hasher, digest_range
 from weightcache.manifest import FileEntry
 from weightcache.origin.base import Origin
+from weightcache.retry import backoff_delay
 from weightcache.scheduler import Priority, PrioritySlots
 from weightcache.store import Store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class RealClock:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Full jitter: uniform in [0, min(max, base * 2**attempt)] (attempt counts from 0)."""
-    return rng.uniform(0.0, min(max_s, base_s * (2.0 ** min(attempt, 62))))
 
 
 class TokenBucket:
@@ -109,21 +91,6 @@ class FetchStats:
 
 
 ProgressFn = Callable[[int], None]
-
-
-async def run_all(coros: list[Coroutine[Any, Any, None]]) -> None:
-    """Run coroutines concurrently; on the first failure cancel the rest and raise it.
-
-    The first error is the one to report; the others are its echoes (siblings
-    cancelled, or failing for the same cause), so it is raised unwrapped
-    rather than inside an ExceptionGroup.
-    """
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for coro in coros:
-                tg.create_task(coro)
-    except* Exception as group:
-        raise group.exceptions[0] from None
 
 
 class _ChunkHashMismatch(Exception):

@@ -19,10 +19,10 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from weightcache.aio import Clock, RealClock, run_all
 from weightcache.config import Config, load_config
 from weightcache.errors import (
     CacheFull,
@@ -32,15 +32,7 @@ from weightcache.errors import (
     OriginUnavailable,
     RevisionAmbiguous,
 )
-from weightcache.fetch import (
-    Clock,
-    Fetcher,
-    FetchStats,
-    RealClock,
-    TokenBucket,
-    backoff_delay,
-    run_all,
-)
+from weightcache.fetch import Fetcher, FetchStats, TokenBucket
 from weightcache.hashing import is_digest
 from weightcache.index import Index
 from weightcache.manifest import (
@@ -53,6 +45,8 @@ from weightcache.manifest import (
 )
 from weightcache.origin import Origin, join_key, open_origin
 from weightcache.refs import Ref, parse_ref
+from weightcache.results import Ensured, LocalFile
+from weightcache.retry import Backoff, retry_async
 from weightcache.scheduler import Priority, PrioritySlots, SingleFlight
 from weightcache.store import BlobLock, Store
 
@@ -77,42 +71,6 @@ class _NoIndex:
             raise CacheFull("the cache index could not be opened: the disk is full")
 
         return fail
-
-
-@dataclass(frozen=True, slots=True)
-class LocalFile:
-    path: str
-    local_path: Path
-    size: int
-    blake3: str
-
-
-@dataclass
-class Ensured:
-    """A revision made local: where its files are and where the bytes came from."""
-
-    ref: str
-    revision: str
-    snapshot: Path
-    files: list[LocalFile]
-    cache_hit: bool
-    total_bytes: int
-    origin_bytes: int = 0
-    reused_bytes: int = 0  # blobs already in the cache (another model, an earlier pull)
-    coalesced_bytes: int = 0  # blobs another process pulled while this one waited
-    resumed_bytes: int = 0  # verified chunks of an interrupted pull, kept
-    retries: int = 0
-    resolve_seconds: float = 0.0
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["snapshot"] = str(self.snapshot)
-        doc["files"] = [
-            {"path": f.path, "local_path": str(f.local_path), "size": f.size, "blake3": f.blake3}
-            for f in self.files
-        ]
-        return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,25 +223,20 @@ class Node:
     async def _retrying(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A small origin call (a manifest, a listing) with the fetch retry policy."""
         policy = self.cfg.fetch
-        for attempt in range(policy.retries + 1):
-            try:
-                # Manifest reads count against the node-wide cap on origin requests too.
-                async with self.slots.slot(Priority.WORKER):
-                    return await self._hop(fn, *args, **kwargs)
-            except OriginUnavailable as exc:
-                if attempt == policy.retries:
-                    raise
-                delay = backoff_delay(
-                    attempt, policy.backoff_base_s, policy.backoff_max_s, self.rng
-                )
-                log.info(
-                    "resolve.retry attempt=%d delay_s=%.3f reason=%s",
-                    attempt + 1,
-                    delay,
-                    exc.message,
-                )
-                await self.clock.sleep(delay)
-        raise AssertionError("unreachable")
+
+        async def attempt() -> T:
+            # Manifest reads count against the node-wide cap on origin requests too.
+            async with self.slots.slot(Priority.WORKER):
+                return await self._hop(fn, *args, **kwargs)
+
+        return await retry_async(
+            attempt,
+            Backoff(policy.retries, policy.backoff_base_s, policy.backoff_max_s, self.rng),
+            on=OriginUnavailable,
+            log=log,
+            what="resolve",
+            clock=self.clock,
+        )
 
     def _local_revision(self, ref: Ref) -> str | None:
         assert ref.rev

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +18,6 @@ from typing import Any, TypeVar
 
 from weightcache.config import Config
 from weightcache.errors import ManifestInvalid, OriginUnavailable, RefInvalid
-from weightcache.fetch import backoff_delay
 from weightcache.hashing import FileDigest, digest_bytes, digest_path, digest_stream
 from weightcache.manifest import (
     MANIFEST_NAME,
@@ -33,6 +30,7 @@ from weightcache.manifest import (
 )
 from weightcache.origin import Origin, join_key, open_origin
 from weightcache.refs import Ref
+from weightcache.retry import Backoff, retry_sync
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -84,17 +82,13 @@ def _retrying(cfg: Config, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T
     costs one object, not the whole publish.
     """
     policy = cfg.fetch
-    rng = random.Random()
-    for attempt in range(policy.retries + 1):
-        try:
-            return fn(*args, **kwargs)
-        except OriginUnavailable as exc:
-            if attempt == policy.retries:
-                raise
-            delay = backoff_delay(attempt, policy.backoff_base_s, policy.backoff_max_s, rng)
-            log.warning("publish.retry attempt=%d delay_s=%.2f reason=%s", attempt + 1, delay, exc)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    return retry_sync(
+        lambda: fn(*args, **kwargs),
+        Backoff(policy.retries, policy.backoff_base_s, policy.backoff_max_s),
+        on=OriginUnavailable,
+        log=log,
+        what="publish",
+    )
 
 
 def _write_manifest(cfg: Config, origin: Origin, prefix: str, manifest: Manifest) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from weightcache import __version__
+from weightcache.aio import Clock, RealClock
 from weightcache.config import Config
 from weightcache.errors import (
     CacheFull,
@@ -39,11 +40,11 @@ from weightcache.errors import (
     WeightcacheError,
 )
 from weightcache.evict import Plan, Revision, bytes_to_free, plan
-from weightcache.fetch import Clock, RealClock
 from weightcache.hashing import digest_bytes, is_digest
 from weightcache.manifest import Manifest
-from weightcache.node import Ensured, Node, Progress, Resolved, disk_full_as_cache_full
+from weightcache.node import Node, Progress, Resolved, disk_full_as_cache_full
 from weightcache.refs import Ref
+from weightcache.results import Ensured
 from weightcache.scheduler import Priority, SingleFlight, start_time
 
 log = logging.getLogger(__name__)

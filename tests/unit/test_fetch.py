@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 from tests.support.origins import FakeClock, FaultyOrigin
 from weightcache.config import FetchConfig
 from weightcache.errors import HashMismatch, ObjectNotFound, OriginUnavailable
-from weightcache.fetch import Fetcher, FetchStats, TokenBucket, backoff_delay
+from weightcache.fetch import Fetcher, FetchStats, TokenBucket
 from weightcache.hashing import digest_bytes, digest_stream
 from weightcache.manifest import FileEntry
 from weightcache.origin.file import FileOrigin
+from weightcache.retry import backoff_delay
 from weightcache.store import Store
 
 CHUNK = 4096
