@@ -103,7 +103,7 @@ def _ensure(ref: str, cfg: Config, *, lease: bool = True) -> Ensured:
             # not fail the workers that start meanwhile.
             reason = exc.facts.get("reason") or exc.code
             log.warning("load.fallback reason=%s daemon=%s mode=embedded", reason, client.address)
-    from weightcache.node import ensure_blocking
+    from weightcache.embedded import ensure_blocking
 
     return ensure_blocking(ref, cfg)
 

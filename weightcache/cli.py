@@ -116,7 +116,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def _fetch_embedded(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     import asyncio
 
-    from weightcache.node import Node, Progress
+    from weightcache.embedded import Embedded
+    from weightcache.node import Progress
 
     bar: Any = None
 
@@ -127,11 +128,11 @@ def _fetch_embedded(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         bar.update(p.done_bytes - bar.n)
 
     async def main() -> Any:
-        node = Node(cfg)
+        embedded = Embedded(cfg)
         try:
-            return await node.ensure(args.ref, on_progress)
+            return await embedded.ensure(args.ref, on_progress)
         finally:
-            await node.aclose()
+            await embedded.aclose()
 
     try:
         result = asyncio.run(main())
@@ -144,44 +145,20 @@ def _fetch_embedded(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from weightcache.index import Index
-    from weightcache.store import Store
+    from weightcache.inventory import listing
 
     cfg = _config(args)
-    store = Store(cfg.cache.dir)
-    store.ensure_layout()
-    index = Index(store.index_dir)
-    try:
-        latest = {rev: key for key, rev in store.iter_refs()}
-        rows: list[dict[str, Any]] = []
-        for rev in store.snapshot_revisions():
-            manifest = store.load_manifest(rev)
-            rec = index.snapshot(rev)
-            rows.append(
-                {
-                    "revision": rev,
-                    "location": rec["location"] if rec else "",
-                    "latest": rev in latest,
-                    "files": len(manifest.files) if manifest else 0,
-                    "bytes": manifest.total_bytes if manifest else 0,
-                    "accessed": rec["accessed"] if rec else None,
-                }
-            )
-        blob_bytes = store.blob_bytes()
-    finally:
-        index.close()
+    doc = listing(cfg)
+    rows, blob_bytes = doc["models"], doc["blob_bytes"]
     if args.json:
-        print(
-            json.dumps(
-                {"cache_dir": str(cfg.cache.dir), "blob_bytes": blob_bytes, "models": rows},
-                indent=2,
-            )
-        )
+        print(json.dumps(doc, indent=2))
         return 0
     print(f"cache {cfg.cache.dir}: {len(rows)} revisions, {_human(blob_bytes)} in blobs")
     for r in rows:
         when = (
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(r["accessed"])) if r["accessed"] else "-"
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"]))
+            if r["last_used"]
+            else "-"
         )
         mark = "*" if r["latest"] else " "
         print(
@@ -192,45 +169,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    import asyncio
+    from weightcache.verify import verify_cache
 
-    from weightcache.index import Index
-    from weightcache.store import Store
-    from weightcache.verify import verify
-
-    cfg = _config(args)
-    store = Store(cfg.cache.dir)
-    store.ensure_layout()
-    index = Index(store.index_dir)
-    refetch: list[str] = []
-    try:
-        locations = {rev: rec["location"] for rev, rec in index.snapshots()}
-        report = verify(store, index, repair=args.repair)
-        if args.repair:
-            refetch = [
-                f"{locations[rev]}@{rev}" for rev in report.broken_snapshots if locations.get(rev)
-            ]
-    finally:
-        index.close()
-    refetched: list[str] = []
-    failed: list[str] = []
-    if refetch:
-        from weightcache.node import Node
-
-        async def pull_again() -> None:
-            node = Node(cfg)
-            try:
-                for ref in refetch:
-                    try:
-                        await node.ensure(ref)
-                        refetched.append(ref)
-                    except WeightcacheError as exc:
-                        failed.append(f"{ref}: {exc.code}: {exc}")
-            finally:
-                await node.aclose()
-
-        asyncio.run(pull_again())
-
+    outcome = verify_cache(_config(args), repair=args.repair)
+    report, refetched, failed = outcome.report, outcome.refetched, outcome.refetch_failed
     if args.json:
         doc = dict(vars(report))
         doc.update(
@@ -240,7 +182,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         print(
             f"checked {report.blobs_checked} blobs ({_human(report.bytes_checked)}), "
-            f"{len(store.snapshot_revisions())} snapshots"
+            f"{outcome.snapshots} snapshots"
         )
         for digest in report.corrupt_blobs:
             print(f"  corrupt blob {digest}")
@@ -582,7 +524,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from weightcache.demo import run_demo
+    from weightcache.demo.run import run_demo
 
     status: int = run_demo(size_mb=args.size_mb, workers=args.workers, embedded=args.embedded)
     return status

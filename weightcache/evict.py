@@ -29,13 +29,17 @@ class Plan:
     shortfall: int
 
 
-def bytes_to_free(*, used: int, incoming: int, budget: int, free: int, reserve: int) -> int:
+def bytes_to_free(
+    *, used: int, incoming: int, budget: int, free: int, reserve: int, allocate: int | None = None
+) -> int:
     """How much must go so that ``incoming`` more bytes respect the budget and the reserve.
 
     ``budget`` 0 means no budget. ``free`` is the file system's free space now.
+    ``allocate`` is the new disk space the incoming bytes still take (less than
+    ``incoming`` when part files already hold their share); it defaults to all of it.
     """
     over_budget = used + incoming - budget if budget else 0
-    under_reserve = reserve + incoming - free
+    under_reserve = reserve + (incoming if allocate is None else allocate) - free
     return max(0, over_budget, under_reserve)
 
 

@@ -7,6 +7,12 @@ from, and counters. It is advisory: presence is always decided by the files in
 
 diskcache is opened with every setting explicit. Its defaults would silently
 cull rows past a 1 GiB size limit; here nothing is ever evicted by diskcache.
+
+Records are keyed ``(kind, id)``. Each kind also keeps its set of ids under
+``("kinds", kind)``, written in the same transaction as the record, so listing
+one kind (the leases, the snapshots of a location) reads that kind's rows only,
+never every key of the cache. An index written before these sets existed is
+scanned once, on open, to build them.
 """
 
 from __future__ import annotations
@@ -87,21 +93,62 @@ def _full_as_cache_full(directory: str) -> Iterator[None]:
         raise
 
 
+#: the kinds of record that keep an id set (everything but counters)
+KINDS = ("blob", "snapshot", "lease", "job", "pull")
+
+
 class Index:
     def __init__(self, directory: Path, *, timeout_s: float = 60.0) -> None:
         self._dir = str(directory)
         with _full_as_cache_full(self._dir):
             self._cache = diskcache.Cache(self._dir, timeout=timeout_s, **_SETTINGS)
+            self._build_kind_sets()
 
     def close(self) -> None:
         self._cache.close()
 
+    def _build_kind_sets(self) -> None:
+        """One scan of an index written before kind sets existed; never again after."""
+        if self._cache.get(("kinds", "_built")):
+            return
+        sets: dict[str, set[str]] = {kind: set() for kind in KINDS}
+        for key in list(self._cache.iterkeys()):
+            if isinstance(key, tuple) and len(key) == 2 and key[0] in sets:
+                sets[key[0]].add(key[1])
+        with self._cache.transact():
+            for kind, ids in sets.items():
+                self._cache.set(("kinds", kind), frozenset(ids))
+            self._cache.set(("kinds", "_built"), True)
+
+    def ids(self, kind: str) -> frozenset[str]:
+        """The ids of one kind of record, without reading the records."""
+        return cast(frozenset[str], self._cache.get(("kinds", kind), frozenset()))
+
+    def _set(self, kind: str, key: str, value: Any) -> None:
+        with _full_as_cache_full(self._dir), self._cache.transact():
+            self._cache.set((kind, key), value)
+            ids = self.ids(kind)
+            if key not in ids:
+                self._cache.set(("kinds", kind), ids | {key})
+
+    def _delete(self, kind: str, key: str) -> None:
+        with _full_as_cache_full(self._dir), self._cache.transact():
+            self._cache.delete((kind, key))
+            ids = self.ids(kind)
+            if key in ids:
+                self._cache.set(("kinds", kind), ids - {key})
+
+    def _records(self, kind: str) -> Iterator[tuple[str, Any]]:
+        for key in sorted(self.ids(kind)):
+            rec = self._cache.get((kind, key))
+            if rec is not None:
+                yield key, rec
+
     # -- blobs -----------------------------------------------------------------
 
     def add_blob(self, digest: str, size: int) -> None:
-        with _full_as_cache_full(self._dir):
-            now = time.time()
-            self._cache.set(("blob", digest), BlobRecord(size=size, created=now, accessed=now))
+        now = time.time()
+        self._set("blob", digest, BlobRecord(size=size, created=now, accessed=now))
 
     def touch_blobs(self, digests: list[str]) -> None:
         with _full_as_cache_full(self._dir):
@@ -117,71 +164,50 @@ class Index:
         return cast(BlobRecord | None, self._cache.get(("blob", digest)))
 
     def drop_blob(self, digest: str) -> None:
-        with _full_as_cache_full(self._dir):
-            self._cache.delete(("blob", digest))
+        self._delete("blob", digest)
 
     def blobs(self) -> Iterator[tuple[str, BlobRecord]]:
-        for key in list(self._cache.iterkeys()):
-            if isinstance(key, tuple) and key[0] == "blob":
-                rec = self._cache.get(key)
-                if rec is not None:
-                    yield key[1], cast(BlobRecord, rec)
+        for key, rec in self._records("blob"):
+            yield key, cast(BlobRecord, rec)
 
     # -- snapshots ---------------------------------------------------------------
 
     def add_snapshot(self, rev: str, location: str, files: int, nbytes: int) -> None:
-        with _full_as_cache_full(self._dir):
-            now = time.time()
-            old = cast(SnapshotRecord | None, self._cache.get(("snapshot", rev)))
-            rec = SnapshotRecord(
-                location=location,
-                files=files,
-                bytes=nbytes,
-                created=old["created"] if old else now,
-                accessed=now,
-            )
-            self._cache.set(("snapshot", rev), rec)
+        now = time.time()
+        old = cast(SnapshotRecord | None, self._cache.get(("snapshot", rev)))
+        rec = SnapshotRecord(
+            location=location,
+            files=files,
+            bytes=nbytes,
+            created=old["created"] if old else now,
+            accessed=now,
+        )
+        self._set("snapshot", rev, rec)
 
     def snapshot(self, rev: str) -> SnapshotRecord | None:
         return cast(SnapshotRecord | None, self._cache.get(("snapshot", rev)))
 
     def drop_snapshot(self, rev: str) -> None:
-        with _full_as_cache_full(self._dir):
-            self._cache.delete(("snapshot", rev))
+        self._delete("snapshot", rev)
 
     def snapshots(self) -> Iterator[tuple[str, SnapshotRecord]]:
-        for key in list(self._cache.iterkeys()):
-            if isinstance(key, tuple) and key[0] == "snapshot":
-                rec = self._cache.get(key)
-                if rec is not None:
-                    yield key[1], cast(SnapshotRecord, rec)
+        for key, rec in self._records("snapshot"):
+            yield key, cast(SnapshotRecord, rec)
 
-    # -- records of the daemon (leases, jobs) ------------------------------------------
+    # -- records of the daemon (leases, jobs, pulls) -------------------------------------
 
     def put(self, key: tuple[str, str], value: dict[str, Any]) -> None:
-        with _full_as_cache_full(self._dir):
-            self._cache.set(key, value)
+        self._set(key[0], key[1], value)
 
     def delete(self, key: tuple[str, str]) -> None:
-        with _full_as_cache_full(self._dir):
-            self._cache.delete(key)
+        self._delete(key[0], key[1])
 
     def items(self, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        for key in list(self._cache.iterkeys()):
-            if isinstance(key, tuple) and key[0] == kind:
-                value = self._cache.get(key)
-                if value is not None:
-                    yield key[1], cast(dict[str, Any], value)
+        for key, rec in self._records(kind):
+            yield key, cast(dict[str, Any], rec)
 
     # -- counters ------------------------------------------------------------------
 
     def incr(self, name: str, delta: int = 1) -> None:
         with _full_as_cache_full(self._dir):
             self._cache.incr(("counter", name), delta, default=0)
-
-    def counters(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for key in list(self._cache.iterkeys()):
-            if isinstance(key, tuple) and key[0] == "counter":
-                out[key[1]] = int(self._cache.get(key, 0))
-        return out

@@ -1,9 +1,16 @@
-"""The node cache as one facade: resolve a ref, pull what is missing, link the snapshot.
+"""The node cache's puller: resolve a ref, pull what is missing, commit, link.
 
-Used in-process by ``weightcache.load`` when no daemon answers (embedded mode)
-and by the CLI. Several processes on a node may run it at once against the same
-cache directory: each blob is pulled by whichever process holds its ``flock``,
-the others wait for it (or take over, resuming, if the holder dies).
+A :class:`Node` pulls and commits; it decides nothing about room. Whether a
+pull may start (the budget, the reserve) and what to evict for it are its
+callers' decisions: the daemon's :mod:`weightcache.service` and
+:mod:`weightcache.embedded` (no daemon answered), both through
+:mod:`weightcache.budget`. Several processes may pull into one cache directory
+at once: each blob is pulled by whichever process holds its ``flock``, the
+others wait for it (or take over, resuming, if the holder dies).
+
+Two thread pools: ``executor`` for short metadata hops (manifests, snapshots,
+the index) and ``transfers`` for everything a cold pull does (chunk GETs,
+hashing, commits), so a warm hit never queues behind another model's pull.
 """
 
 from __future__ import annotations
@@ -12,20 +19,18 @@ import asyncio
 import errno
 import functools
 import logging
-import os
 import random
-import threading
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from weightcache.aio import Clock, RealClock, run_all
-from weightcache.config import Config, load_config
+from weightcache.config import Config
 from weightcache.errors import (
     CacheFull,
+    CacheIOError,
     HashMismatch,
     ModelNotFound,
     ObjectNotFound,
@@ -47,7 +52,7 @@ from weightcache.origin import Origin, join_key, open_origin
 from weightcache.refs import Ref, parse_ref
 from weightcache.results import Ensured, LocalFile
 from weightcache.retry import Backoff, retry_async
-from weightcache.scheduler import Priority, PrioritySlots, SingleFlight
+from weightcache.scheduler import Priority, PrioritySlots, SingleFlight, Urgency
 from weightcache.store import BlobLock, Store
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,8 @@ T = TypeVar("T")
 
 #: how often a process waiting for another's pull of a blob looks again
 LOCK_POLL_S = 0.05
+#: threads for metadata hops (manifests, snapshots, the index, locks): short calls only
+METADATA_THREADS = 4
 
 
 class _NoIndex:
@@ -106,24 +113,28 @@ class Node:
             log.warning("index.unavailable reason=%s", exc.message)
             self.index = _NoIndex()
         self.executor = ThreadPoolExecutor(
-            max_workers=self.cfg.fetch.concurrency + 4, thread_name_prefix="weightcache-io"
+            max_workers=METADATA_THREADS, thread_name_prefix="weightcache-meta"
+        )
+        self.transfers = ThreadPoolExecutor(
+            max_workers=self.cfg.fetch.concurrency + 2, thread_name_prefix="weightcache-io"
         )
         self._limiter: TokenBucket | None = None
         self._slots: PrioritySlots | None = None
         self._blob_flight: SingleFlight[str, bool] = SingleFlight()
         self._origins: dict[str, tuple[Origin, str]] = {}
-        #: set by the daemon: bytes other pulls in flight (not ``rev``) have yet to commit
-        self.reserved_bytes: Callable[[str], int] | None = None
-        #: set by the daemon: frees ``need`` bytes (evicting) without touching ``protect``
-        self.make_room: Callable[[int, set[str]], Awaitable[None]] | None = None
+        self._origin_flight: SingleFlight[str, tuple[Origin, str]] = SingleFlight()
 
-    def origin(self, ref: Ref) -> tuple[Origin, str]:
+    async def origin(self, ref: Ref) -> tuple[Origin, str]:
         """The origin a ref lives in (one per bucket or directory, connections reused)
-        and the model's key prefix inside it."""
+        and the model's key prefix inside it. Built in a worker thread: opening a
+        client reads credentials and certificates."""
         key = f"s3://{ref.bucket}" if ref.scheme == "s3" else ref.location
         entry = self._origins.get(key)
         if entry is None:
-            entry = self._origins[key] = open_origin(ref, self.cfg)
+            entry, _ = await self._origin_flight.run(
+                key, lambda: self.hop(open_origin, ref, self.cfg)
+            )
+            self._origins[key] = entry
         origin, prefix = entry
         return origin, prefix if ref.scheme == "file" else ref.prefix
 
@@ -134,13 +145,14 @@ class Node:
         await asyncio.get_running_loop().run_in_executor(None, self._close_blocking)
 
     def _close_blocking(self) -> None:
+        self.transfers.shutdown(wait=True)
         self.executor.shutdown(wait=True)
         for origin, _ in self._origins.values():
             origin.close()
         self._origins.clear()
         self.index.close()
 
-    async def _hop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def hop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
@@ -154,12 +166,12 @@ class Node:
                 self._limiter = TokenBucket(self.cfg.fetch.max_bytes_per_s, self.clock)
         return self._slots
 
-    def _fetcher(self, priority: Priority) -> Fetcher:
+    def _fetcher(self, priority: Priority | Urgency) -> Fetcher:
         slots = self.slots
         return Fetcher(
             store=self.store,
             policy=self.cfg.fetch,
-            executor=self.executor,
+            executor=self.transfers,
             clock=self.clock,
             rng=self.rng,
             limiter=self._limiter,
@@ -175,12 +187,10 @@ class Node:
     async def resolve(self, ref: Ref) -> Resolved:
         """Find the revision a ref names, preferring what the cache already knows."""
         if ref.rev:
-            local = self._local_revision(ref)
-            if local:
-                manifest = await self._hop(self.store.load_manifest, local)
-                if manifest is not None:
-                    return Resolved(ref, local, manifest, None, "")
-        origin, prefix = self.origin(ref)
+            local = await self.hop(self._local_manifest, ref)
+            if local is not None:
+                return Resolved(ref, local[0], local[1], None, "")
+        origin, prefix = await self.origin(ref)
         if ref.rev:
             revision, raw = await self._retrying(self._read_revision, origin, prefix, ref)
         else:
@@ -196,7 +206,7 @@ class Node:
                     "manifest for uploaded files with `weightcache index REF`",
                 ) from exc
             except OriginUnavailable:
-                offline = self._last_resolved(ref)
+                offline = await self.hop(self._last_resolved, ref)
                 if offline is None:
                     raise
                 log.warning(
@@ -206,7 +216,7 @@ class Node:
                 )
                 return offline
             revision = ""
-        manifest, actual = parse(raw)
+        manifest, actual = await self.hop(parse, raw)
         if revision and actual != revision:
             raise HashMismatch(
                 f"manifest of revision {revision} at {ref.location} hashes to {actual}",
@@ -215,9 +225,9 @@ class Node:
                 actual=actual,
             )
         revision = actual
-        await self._hop(self.store.save_manifest, revision, raw)
+        await self.hop(self.store.save_manifest, revision, raw)
         if not ref.rev:
-            await self._hop(self.store.set_ref, ref.location_key, revision)
+            await self.hop(self.store.set_ref, ref.location_key, revision)
         return Resolved(ref, revision, manifest, origin, prefix)
 
     async def _retrying(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -227,7 +237,7 @@ class Node:
         async def attempt() -> T:
             # Manifest reads count against the node-wide cap on origin requests too.
             async with self.slots.slot(Priority.WORKER):
-                return await self._hop(fn, *args, **kwargs)
+                return await self.hop(fn, *args, **kwargs)
 
         return await retry_async(
             attempt,
@@ -238,6 +248,14 @@ class Node:
             clock=self.clock,
         )
 
+    def _local_manifest(self, ref: Ref) -> tuple[str, Manifest] | None:
+        """A pinned ref's revision and manifest from the cache alone (blocking)."""
+        rev = self._local_revision(ref)
+        if rev is None:
+            return None
+        manifest = self.store.load_manifest(rev)
+        return None if manifest is None else (rev, manifest)
+
     def _local_revision(self, ref: Ref) -> str | None:
         assert ref.rev
         if is_digest(ref.rev):
@@ -246,8 +264,10 @@ class Node:
         # so that another model's revision can never answer for it.
         matches = [
             rev
-            for rev, rec in self.index.snapshots()
-            if rec["location"] == ref.location and rev.startswith(ref.rev)
+            for rev in self.index.ids("snapshot")
+            if rev.startswith(ref.rev)
+            and (rec := self.index.snapshot(rev)) is not None
+            and rec["location"] == ref.location
         ]
         last = self.store.get_ref(ref.location_key)
         if last and last.startswith(ref.rev) and last not in matches:
@@ -294,76 +314,70 @@ class Node:
         raw = origin.read(join_key(base, f"{matches[0]}.json"), max_bytes=MAX_MANIFEST_BYTES)
         return matches[0], raw
 
-    # -- ensure -------------------------------------------------------------------
+    # -- lookup and pull -------------------------------------------------------------
 
-    async def ensure(
-        self,
-        text: str,
-        on_progress: ProgressFn | None = None,
-        *,
-        priority: Priority = Priority.WORKER,
-    ) -> Ensured:
-        """Make ``text`` local and verified; return where its files are."""
-        started = self.clock.monotonic()
-        ref = self.parse(text)
-        with disk_full_as_cache_full(ref):
-            res = await self.resolve(ref)
-        return await self.ensure_resolved(res, started, on_progress, priority=priority)
-
-    async def ensure_resolved(
-        self,
-        res: Resolved,
-        started: float,
-        on_progress: ProgressFn | None = None,
-        *,
-        priority: Priority = Priority.WORKER,
-    ) -> Ensured:
-        """The pull half of :meth:`ensure`, for callers that resolved the ref themselves."""
-        resolved = self.clock.monotonic() - started
-        with disk_full_as_cache_full(res.ref):
-            result = await self._ensure(res, started, on_progress, priority)
-        result.resolve_seconds = resolved
-        return result
-
-    async def _ensure(
-        self, res: Resolved, started: float, on_progress: ProgressFn | None, priority: Priority
-    ) -> Ensured:
+    def result(self, res: Resolved) -> Ensured:
         rev, manifest = res.revision, res.manifest
-        result = Ensured(
+        snap = self.store.snapshot_path(rev)
+        return Ensured(
             ref=str(res.ref.with_rev(rev)),
             revision=rev,
-            snapshot=self.store.snapshot_path(rev),
-            files=self._files(rev, manifest),
+            snapshot=snap,
+            files=[LocalFile(f.path, snap / f.path, f.size, f.blake3) for f in manifest.files],
             cache_hit=False,
             total_bytes=manifest.total_bytes,
         )
-        if await self._hop(self.store.has_snapshot, rev):
-            result.cache_hit = True
-            await self._hop(self._touch_hit, rev, res.ref.location, manifest)
-            if on_progress:
-                on_progress(Progress(manifest.total_bytes, manifest.total_bytes))
-            result.seconds = self.clock.monotonic() - started
-            log.info("ensure.hit ref=%s revision=%s", res.ref.location, rev[:16])
-            return result
 
-        await self._hop(self.index.incr, "misses")
+    async def lookup(self, res: Resolved) -> Ensured | None:
+        """The revision as a cache hit if its snapshot and every blob it links to are on
+        disk (the LRU clock touched), else None: pull it."""
+        hit = await self.hop(self._lookup, res)
+        if hit is None:
+            return None
+        log.info("ensure.hit ref=%s revision=%s", res.ref.location, res.revision[:16])
+        return hit
+
+    def _lookup(self, res: Resolved) -> Ensured | None:
+        rev, manifest = res.revision, res.manifest
+        if not self.store.has_snapshot(rev):
+            return None
+        missing = self.store.missing_blobs(manifest)
+        if missing:
+            # A removal cut short by a power loss, or a blob deleted by hand: the
+            # snapshot is not served; the pull brings the blobs back and keeps it.
+            log.warning(
+                "ensure.snapshot_incomplete revision=%s missing_blobs=%d",
+                rev[:16],
+                len(missing),
+            )
+            return None
+        self._touch_hit(rev, res.ref.location, manifest)
+        result = self.result(res)
+        result.cache_hit = True
+        return result
+
+    async def pull(
+        self,
+        res: Resolved,
+        on_progress: ProgressFn | None = None,
+        *,
+        priority: Priority | Urgency = Priority.WORKER,
+        stats: FetchStats | None = None,
+    ) -> Ensured:
+        """Pull every blob of a resolved revision that is not on disk, commit, link.
+
+        Room is the caller's business (see :mod:`weightcache.budget`); ``stats``,
+        when given, shows the bytes as they arrive, and ``priority`` may be an
+        :class:`Urgency` the caller raises while the pull runs.
+        """
+        started = self.clock.monotonic()
+        rev, manifest = res.revision, res.manifest
+        result = self.result(res)
         unique: dict[str, FileEntry] = {}
         for f in manifest.files:
             unique.setdefault(f.blake3, f)
-        missing = list(unique.values())
-        shortfall = await self._hop(self._space_shortfall, res.ref, missing, rev)
-        for _ in range(8):
-            # Other pulls commit blobs meanwhile: ask again until it fits or nothing
-            # more can go.
-            if shortfall is None or self.make_room is None:
-                break
-            await self.make_room(shortfall.facts["shortfall_bytes"], set(unique))
-            shortfall = await self._hop(self._space_shortfall, res.ref, missing, rev)
-        if shortfall is not None:
-            raise shortfall
-        origin, prefix = self.origin(res.ref)
-
-        stats = FetchStats()
+        origin, prefix = await self.origin(res.ref)
+        stats = stats if stats is not None else FetchStats()
         done = 0
         total = manifest.total_bytes
 
@@ -381,14 +395,16 @@ class Node:
             len(unique),
             total,
         )
-        await run_all(
-            [
-                self._obtain(origin, prefix, entry, fetcher, stats, result, advance)
-                for entry in unique.values()
-            ]
-        )
-        await self._hop(self.store.link_snapshot, rev, manifest)
-        await self._hop(self._touch, rev, res.ref.location, manifest)
+        with disk_errors(res.ref):
+            await self.hop(self.index.incr, "misses")
+            await run_all(
+                [
+                    self._obtain(origin, prefix, entry, fetcher, stats, result, advance)
+                    for entry in unique.values()
+                ]
+            )
+            await self.hop(self.store.link_snapshot, rev, manifest)
+            await self.hop(self._touch, rev, res.ref.location, manifest)
         result.origin_bytes = stats.origin_bytes
         result.resumed_bytes = stats.resumed_bytes
         result.retries = stats.retries
@@ -418,7 +434,7 @@ class Node:
         advance: Callable[[int], None],
     ) -> None:
         digest, size = entry.blake3, entry.size
-        if await self._hop(self.store.has_blob, digest, size):
+        if await self.hop(self.store.has_blob, digest, size):
             result.reused_bytes += size
             advance(size)
             return
@@ -442,77 +458,24 @@ class Node:
         """... and one per node: the blob's flock. Returns True if another process pulled it."""
         digest, size = entry.blake3, entry.size
         lock = self.store.blob_lock(digest)
-        while not await self._hop(lock.try_acquire):
+        while not await self.hop(lock.try_acquire):
             # Another process on this node is pulling this blob: wait for it, and
             # take over (resuming its verified chunks) if it dies.
             await self.clock.sleep(LOCK_POLL_S * (0.5 + self.rng.random()))
-            if await self._hop(self.store.has_blob, digest, size):
+            if await self.hop(self.store.has_blob, digest, size):
                 return True
         try:
-            if await self._hop(self.store.has_blob, digest, size):
+            if await self.hop(self.store.has_blob, digest, size):
                 return True
             await fetcher.fetch(origin, join_key(prefix, entry.path), entry, stats, advance)
-            await self._hop(self.index.add_blob, digest, size)
+            await self.hop(self.index.add_blob, digest, size)
             return False
         finally:
-            await self._hop(self._release, lock, digest, size)
+            await self.hop(self._release, lock, digest, size)
 
     def _release(self, lock: BlobLock, digest: str, size: int) -> None:
         # The lock file goes once the blob is committed: nobody needs it again.
         lock.release(unlink=self.store.has_blob(digest, size))
-
-    def _space_shortfall(
-        self, ref: Ref, entries: list[FileEntry], rev: str = ""
-    ) -> CacheFull | None:
-        """The CacheFull a pull of ``entries`` would hit now, or None if it fits."""
-        needed = 0  # new disk space: a preallocated part file already holds its share
-        incoming = 0  # what the budget will count once the blobs are committed
-        for e in entries:
-            if self.store.has_blob(e.blake3, e.size):
-                continue
-            try:
-                allocated = self.store.partial_paths(e.blake3).part.stat().st_blocks * 512
-            except FileNotFoundError:
-                allocated = 0
-            needed += max(0, e.size - allocated)
-            incoming += e.size
-        if not incoming:
-            return None
-        free = self.store.free_bytes()
-        reserve = self.cfg.cache.reserve_bytes
-        budget = self.cfg.cache.max_bytes
-        used = 0
-        if budget:
-            # Other pulls' bytes first, then the committed ones: a blob committed in
-            # between is counted twice (safe), never missed.
-            if self.reserved_bytes is not None:
-                used += self.reserved_bytes(rev)
-            used += self.store.blob_bytes()
-        over_budget = used + incoming - budget if budget else 0
-        under_reserve = reserve + needed - free
-        shortfall = max(0, over_budget, under_reserve)
-        if not shortfall:
-            return None
-        if needed + reserve > free:
-            return CacheFull(
-                f"pulling {ref} needs {needed} bytes and {reserve} must stay free, but only "
-                f"{free} are available on the cache's file system ({self.store.root})",
-                hint="free disk space, evict models (`weightcache evict REF`), "
-                "or lower cache.reserve_bytes",
-                needed_bytes=needed,
-                available_bytes=free,
-                reserve_bytes=reserve,
-                shortfall_bytes=shortfall,
-            )
-        return CacheFull(
-            f"pulling {ref} needs {needed} bytes; the cache holds {used} of its "
-            f"{budget}-byte budget",
-            hint="evict models (`weightcache evict REF`) or raise cache.max_bytes",
-            needed_bytes=needed,
-            used_bytes=used,
-            budget_bytes=budget,
-            shortfall_bytes=shortfall,
-        )
 
     def _touch_hit(self, rev: str, location: str, manifest: Manifest) -> None:
         # Bookkeeping only (the index is advisory): a full disk must not fail a hit.
@@ -526,14 +489,12 @@ class Node:
         self.index.add_snapshot(rev, location, len(manifest.files), manifest.total_bytes)
         self.index.touch_blobs([f.blake3 for f in manifest.files])
 
-    def _files(self, rev: str, manifest: Manifest) -> list[LocalFile]:
-        snap = self.store.snapshot_path(rev)
-        return [LocalFile(f.path, snap / f.path, f.size, f.blake3) for f in manifest.files]
-
 
 @contextmanager
-def disk_full_as_cache_full(ref: Ref) -> Iterator[None]:
-    """A full disk anywhere in a pull (commit, links, manifests) is CacheFull, not an OSError."""
+def disk_errors(ref: Ref) -> Iterator[None]:
+    """File-system failures anywhere in a pull (commit, links, manifests) as the cache's
+    errors: a full disk is CacheFull, anything else (EIO, a read-only remount,
+    permissions) CacheIOError; never a bare OSError."""
     try:
         yield
     except OSError as exc:
@@ -543,49 +504,10 @@ def disk_full_as_cache_full(ref: Ref) -> Iterator[None]:
                 hint="free disk space or raise cache.reserve_bytes so pulls stop earlier",
                 path=exc.filename,
             ) from exc
-        raise
-
-
-def run_blocking(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion from synchronous code.
-
-    ``load`` may be called from a thread that already runs an event loop (a
-    notebook, an async server): then the work runs on a private thread.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro_fn())
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro_fn())
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="weightcache-embedded")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
-
-
-def ensure_blocking(
-    text: str, cfg: Config | None = None, on_progress: ProgressFn | None = None
-) -> Ensured:
-    """Embedded mode: pull ``text`` in this process against the configured cache."""
-    config = cfg or load_config()
-
-    async def main() -> Ensured:
-        node = Node(config)
-        try:
-            return await node.ensure(text, on_progress)
-        finally:
-            await node.aclose()
-
-    started = time.monotonic()
-    result = run_blocking(main)
-    log.debug("embedded.ensure seconds=%.3f pid=%d", time.monotonic() - started, os.getpid())
-    return result
+        raise CacheIOError(
+            f"the cache's file system failed while pulling {ref}: "
+            f"{errno.errorcode.get(exc.errno or 0, 'OSError')} {exc.strerror or exc}",
+            hint="check the cache's disk and mount (dmesg, mount options, permissions)",
+            path=exc.filename,
+            errno=exc.errno,
+        ) from exc

@@ -44,6 +44,24 @@ class Priority(enum.IntEnum):
         return self.name.lower()
 
 
+class Urgency:
+    """A pull's priority, raised while it runs when a more urgent waiter joins it
+    (a worker joining a background prefetch must not wait at background priority).
+    Read at every slot request, so the chunks still to come go at the new priority."""
+
+    def __init__(self, priority: Priority) -> None:
+        self.priority = priority
+
+    def raise_to(self, priority: Priority) -> None:
+        self.priority = min(self.priority, priority)
+
+    def __int__(self) -> int:
+        return int(self.priority)
+
+    def __repr__(self) -> str:
+        return f"Urgency({self.priority.label})"
+
+
 @dataclass(order=True)
 class _Waiter:
     priority: int
@@ -73,14 +91,14 @@ class PrioritySlots:
         return sum(1 for w in self._waiters if not w.future.done())
 
     @asynccontextmanager
-    async def slot(self, priority: int = Priority.WORKER) -> AsyncIterator[None]:
+    async def slot(self, priority: int | Urgency = Priority.WORKER) -> AsyncIterator[None]:
         await self._acquire(priority)
         try:
             yield
         finally:
             self._release()
 
-    async def _acquire(self, priority: int) -> None:
+    async def _acquire(self, priority: int | Urgency) -> None:
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return

@@ -1,31 +1,33 @@
 """The daemon's facade: one owner of every pull on the node.
 
-Composes the node cache (:mod:`weightcache.node`) with what only a long-lived
-process can do: single-flight across every client of the node, a bounded queue
-of pending pulls, leases that keep a revision from eviction while a worker
-uses it, eviction to the byte budget and the free-space reserve, scheduled
-prefetch jobs that survive restarts, and the counters behind ``/v1/status``
-and ``/metrics``. Every background task is owned here and stopped by
-:meth:`Service.close`.
+Composes the node cache's puller (:mod:`weightcache.node`) with what only a
+long-lived process can do: single-flight across every client of the node, a
+bounded queue of pending pulls, admission and eviction (:mod:`weightcache.budget`),
+leases (:mod:`weightcache.leases`), prefetch jobs (:mod:`weightcache.jobs`), and
+the counters behind ``/v1/status`` and ``/metrics``. Every background task is
+owned here and stopped by :meth:`Service.close`.
+
+State the event loop owns (pulls, leases, jobs, counters) never crosses into a
+worker thread: a hop gets an immutable snapshot (a frozenset, a Counter copy)
+and its result is applied back on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from weightcache import __version__
+from weightcache import __version__, inventory
 from weightcache.aio import Clock, RealClock
+from weightcache.budget import Budget, Protection, enforce, make_room
 from weightcache.config import Config
 from weightcache.errors import (
     CacheFull,
@@ -36,48 +38,27 @@ from weightcache.errors import (
     RequestInvalid,
     RevisionAmbiguous,
     ShuttingDown,
-    TooManyLeases,
     WeightcacheError,
 )
-from weightcache.evict import Plan, Revision, bytes_to_free, plan
-from weightcache.hashing import digest_bytes, is_digest
-from weightcache.manifest import Manifest
-from weightcache.node import Node, Progress, Resolved, disk_full_as_cache_full
+from weightcache.evict import Plan
+from weightcache.fetch import FetchStats
+from weightcache.hashing import is_digest
+from weightcache.jobs import Job, JobBook
+from weightcache.leases import Connection, Lease, LeaseTable
+from weightcache.locks import RevisionUses
+from weightcache.node import Node, Progress, Resolved, disk_errors
 from weightcache.refs import Ref
 from weightcache.results import Ensured
-from weightcache.scheduler import Priority, SingleFlight, start_time
+from weightcache.scheduler import Priority, SingleFlight, Urgency
 
 log = logging.getLogger(__name__)
 
 #: how often leases of dead processes and expired leases are dropped
 REAP_INTERVAL_S = 2.0
-#: the job scheduler wakes at least this often (it is also woken by new jobs)
-SCHEDULER_TICK_S = 1.0
 #: a location's latest manifest is read at most once per this many seconds per node: a
 #: revision published now is seen by loads that start up to this long later
 RESOLVE_TTL_S = 2.0
-#: finished prefetch jobs are forgotten after this long
-JOB_RETENTION_S = 7 * 86400.0
-
-
-@dataclass
-class Lease:
-    id: str
-    revision: str
-    pid: int | None
-    created: float
-    expires: float
-    #: who holds it when there is no pid (a TCP peer's address)
-    client: str | None = None
-    #: ensures of the same owner that share the lease; it ends when the last releases
-    holders: int = 1
-
-    @property
-    def owner(self) -> str | None:
-        return f"pid:{self.pid}" if self.pid is not None else self.client
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+T = TypeVar("T")
 
 
 @dataclass
@@ -111,38 +92,18 @@ class EnsureResult:
 
 
 @dataclass
-class Job:
-    id: str
-    ref: str
-    at: float | None
-    deadline: float | None
-    priority: str
-    state: str  # scheduled | running | done | failed
-    created: float
-    start_after: float
-    started: float | None = None
-    finished: float | None = None
-    done_bytes: int = 0
-    total_bytes: int = 0
-    revision: str | None = None
-    late: bool = False
-    error: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
 class _Pull:
     """A revision being pulled, as seen by ``/v1/status`` and progress streams."""
 
     ref: str
     revision: str
-    priority: Priority
     total_bytes: int
     started: float
+    urgency: Urgency
     done_bytes: int = 0
     waiters: int = 1
+    #: the pull's byte counts as they arrive (origin bytes count before it ends)
+    stats: FetchStats = field(default_factory=FetchStats)
     listeners: list[Callable[[ProgressEvent], None]] = field(default_factory=list)
 
     def event(self, now: float) -> ProgressEvent:
@@ -150,6 +111,23 @@ class _Pull:
         return ProgressEvent(
             self.ref, self.done_bytes, self.total_bytes, self.done_bytes / elapsed, "origin"
         )
+
+    @property
+    def priority(self) -> Priority:
+        return self.urgency.priority
+
+
+class _JobRecords:
+    """Jobs persisted in the index, through the service's metadata threads."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    async def put(self, job_id: str, doc: dict[str, Any]) -> None:
+        await self._service.hop(self._service.node.index.put, ("job", job_id), doc)
+
+    async def delete(self, job_id: str) -> None:
+        await self._service.hop(self._service.node.index.delete, ("job", job_id))
 
 
 class Service:
@@ -164,13 +142,24 @@ class Service:
         self.cfg = cfg
         self.clock = clock or RealClock()
         self.wall = wall
-        self.node = Node(cfg, clock=self.clock, rng=rng or random.Random())
-        self.node.make_room = self._make_room
-        self.node.reserved_bytes = self._reserved_bytes
+        self.rng = rng or random.Random()
         self.node_name = cfg.daemon.node_name or socket.gethostname()
         self.started_at = wall()
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        #: opened by start(), in a worker thread (the cache directory, SQLite)
+        self._node: Node | None = None
+        self._uses: RevisionUses | None = None
+        self._budget: Budget | None = None
+        self.leases = LeaseTable(cfg.daemon.lease_ttl_s, cfg.daemon.max_leases_per_client)
+        self.jobs_book = JobBook(
+            self.node_name,
+            cfg.daemon.prefetch_spread_s,
+            self.clock,
+            wall,
+            _JobRecords(self),
+            self._run_job,
+        )
         self._pulls: dict[str, _Pull] = {}
         self._flight: SingleFlight[str, Ensured] = SingleFlight()
         self._resolve_flight: SingleFlight[str, Resolved] = SingleFlight()
@@ -178,33 +167,55 @@ class Service:
         #: the latest revision of each location, and when it was read
         self._latest: dict[str, tuple[float, Resolved]] = {}
         self._pending = 0
-        #: revisions just pulled whose requesters have not taken their leases yet
-        self._fresh: set[str] = set()
-        #: revisions an ensure found cached and has not leased yet: never evicted
-        self._pinned: Counter[str] = Counter()
         self._closing = False
-        self._leases: dict[str, Lease] = {}
-        self._jobs: dict[str, Job] = {}
-        self._job_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._wake = asyncio.Event()
+        #: short-lived tasks that must finish even if their starter was cancelled
+        self._chores: set[asyncio.Task[Any]] = set()
         self._evict_lock = asyncio.Lock()
+        #: lease records are written one at a time, each with the latest state
+        self._lease_io = asyncio.Lock()
+
+    @property
+    def node(self) -> Node:
+        if self._node is None:
+            raise RuntimeError("Service.start() has not run")
+        return self._node
+
+    @property
+    def uses(self) -> RevisionUses:
+        assert self._uses is not None, "Service.start() has not run"
+        return self._uses
+
+    @property
+    def budget(self) -> Budget:
+        assert self._budget is not None, "Service.start() has not run"
+        return self._budget
 
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._hop(self._load_state)
+        # Opening the cache creates directories and opens SQLite: not on the loop.
+        node = await asyncio.to_thread(Node, self.cfg, self.clock, self.rng)
+        self._node = node
+        self._uses = RevisionUses(node.store.locks)
+        self._budget = Budget(self.cfg, node.store, node.index, self._uses)
+        leases, jobs = await self.hop(
+            lambda: (list(node.index.items("lease")), list(node.index.items("job")))
+        )
+        for stale in self.leases.load(leases, self.wall()):
+            await self.hop(node.index.delete, ("lease", stale))
+        self.jobs_book.load(jobs)
         self._tasks = [
             asyncio.create_task(self._reaper(), name="weightcache-lease-reaper"),
-            asyncio.create_task(self._scheduler(), name="weightcache-job-scheduler"),
+            asyncio.create_task(self.jobs_book.loop(), name="weightcache-job-scheduler"),
             asyncio.create_task(self._resume_pulls(), name="weightcache-resume"),
         ]
         log.info(
             "service.started node=%s cache=%s jobs=%d leases=%d",
             self.node_name,
             self.cfg.cache.dir,
-            len(self._jobs),
-            len(self._leases),
+            len(self.jobs_book.jobs),
+            len(self.leases),
         )
 
     async def close(self) -> None:
@@ -215,37 +226,25 @@ class Service:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._node is None:
+            return
         # Pulls write verified chunks as they go: whatever finishes in the grace
         # period is kept, and a cancelled pull resumes from its chunk log on restart.
         await self._flight.cancel_all(self.cfg.daemon.shutdown_timeout_s)
-        jobs = list(self._job_tasks.values())
-        for task in jobs:
-            task.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
-        await self._hop(self._save_jobs)
+        await self.jobs_book.close()
+        await asyncio.gather(*self._chores, return_exceptions=True)
+        self.uses.close()
         await self.node.aclose()
         log.info("service.stopped node=%s", self.node_name)
 
-    async def _hop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.node.executor, fn, *args)
+    async def hop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One blocking step in the metadata threads (never the transfer threads)."""
+        return await self.node.hop(fn, *args, **kwargs)
 
-    def _load_state(self) -> None:
-        now = self.wall()
-        for key, rec in self.node.index.items("lease"):
-            lease = Lease(**rec)
-            if lease.expires > now and (lease.pid is None or _alive(lease.pid)):
-                self._leases[key] = lease
-            else:
-                self.node.index.delete(("lease", key))
-        for key, rec in self.node.index.items("job"):
-            job = Job(**rec)
-            if job.state == "running":
-                job.state = "scheduled"  # interrupted by a stop: resume it
-            self._jobs[key] = job
-
-    def _save_jobs(self) -> None:
-        for job in self._jobs.values():
-            self.node.index.put(("job", job.id), job.to_json())
+    def _chore(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     # -- ensure -----------------------------------------------------------------
 
@@ -258,9 +257,11 @@ class Service:
         lease: bool = True,
         on_progress: Callable[[ProgressEvent], None] | None = None,
         client: str | None = None,
+        connection: Connection | None = None,
     ) -> EnsureResult:
         """Make ``ref`` local for a client: ``pid`` (a local process, from the Unix
-        socket) or ``client`` (a TCP peer) owns the lease and its count."""
+        socket) or ``client`` (a TCP peer) owns the lease and its count; with
+        ``connection`` the lease also ends when that connection closes."""
         if self._closing:
             raise ShuttingDown(
                 "the daemon is shutting down", hint="retry against the restarted daemon"
@@ -270,28 +271,44 @@ class Service:
         started = self.clock.monotonic()
         try:
             parsed = self.node.parse(ref)
-            with disk_full_as_cache_full(parsed):
+            with disk_errors(parsed):
                 res = await self._resolve(parsed)
-            ensured, coalesced, pinned = await self._pull(res, started, priority, on_progress)
+            rev = res.revision
+            # In use from before the hit check until the lease is granted: no
+            # eviction (of this daemon or another process) can take it in between.
+            await self._use(rev)
+            try:
+                ensured, coalesced = await self._obtain(res, started, priority, on_progress)
+                ensured.resolve_seconds = ensured.resolve_seconds or 0.0
+                if ensured.cache_hit:
+                    self.counters["hits"] += 1
+                elif coalesced:
+                    self.counters["coalesced"] += 1
+                else:
+                    self.counters["misses"] += 1
+                self.counters["served_bytes"] += ensured.total_bytes
+                held = await self._grant_lease(rev, pid, client, connection) if lease else None
+            finally:
+                self._chore(self.hop(self.uses.release, rev))
         except WeightcacheError as exc:
             self.errors[exc.code] += 1
             raise
         finally:
             self._pending -= 1
-        if ensured.cache_hit:
-            self.counters["hits"] += 1
-        elif coalesced:
-            self.counters["coalesced"] += 1
-        else:
-            self.counters["misses"] += 1
-        self.counters["served_bytes"] += ensured.total_bytes
-        try:
-            held = await self._grant_lease(ensured.revision, pid, client) if lease else None
-        finally:
-            self._fresh.discard(ensured.revision)  # leased now, or not wanted
-            if pinned:
-                self._unpin(ensured.revision)
         return EnsureResult(ensured, held, coalesced)
+
+    async def _use(self, rev: str) -> None:
+        acquiring = asyncio.ensure_future(self.hop(self.uses.acquire, rev))
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            # The thread takes the use anyway: give it back once it has.
+            def give_back(done: asyncio.Future[None]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self._chore(self.hop(self.uses.release, rev))
+
+            acquiring.add_done_callback(give_back)
+            raise
 
     async def _resolve(self, ref: Ref) -> Resolved:
         """Resolve a ref, reading a location's latest manifest once for every request
@@ -306,36 +323,28 @@ class Service:
         self._latest[key] = (self.clock.monotonic(), res)
         return res
 
-    async def _pull(
+    def _protection(self) -> Protection:
+        """What this daemon protects now, as a snapshot for a worker thread."""
+        return Protection(revisions=self.leases.revisions() | frozenset(self._pulls))
+
+    async def _obtain(
         self,
         res: Resolved,
         started: float,
         priority: Priority,
         on_progress: Callable[[ProgressEvent], None] | None,
-    ) -> tuple[Ensured, bool, bool]:
-        """(result, joined another request's pull, pinned: the caller must unpin)."""
+    ) -> tuple[Ensured, bool]:
+        """(result, joined another request's pull). The caller holds a use of the revision."""
         rev = res.revision
-        cached = False
         if rev not in self._pulls:
-            # Checked under the eviction lock and pinned before it is released: no
-            # eviction is half-way (plan chosen, not yet applied) and none can pick it.
-            async with self._evict_lock:
-                cached = await self._hop(self.node.store.has_snapshot, rev)
-                if cached:
-                    self._pinned[rev] += 1
-        if cached:
-            try:
-                ensured = await self.node.ensure_resolved(res, started, priority=priority)
-            except BaseException:
-                self._unpin(rev)
-                raise
-            if on_progress:
-                on_progress(
-                    ProgressEvent(
-                        ensured.ref, ensured.total_bytes, ensured.total_bytes, 0.0, "cache"
+            hit = await self.node.lookup(res)
+            if hit is not None:
+                hit.seconds = self.clock.monotonic() - started
+                if on_progress:
+                    on_progress(
+                        ProgressEvent(hit.ref, hit.total_bytes, hit.total_bytes, 0.0, "cache")
                     )
-                )
-            return ensured, False, True
+                return hit, False
 
         pull = self._pulls.get(rev)
         if pull is None and len(self._pulls) >= self.cfg.daemon.max_pending:
@@ -350,13 +359,21 @@ class Service:
             pull = _Pull(
                 str(res.ref.with_rev(rev)),
                 rev,
-                priority,
                 res.manifest.total_bytes,
                 self.clock.monotonic(),
+                Urgency(priority),
             )
             self._pulls[rev] = pull
         else:
             pull.waiters += 1
+            if priority < pull.priority:
+                log.info(
+                    "pull.priority_raised revision=%s from=%s to=%s",
+                    rev[:16],
+                    pull.priority.label,
+                    priority.label,
+                )
+                pull.urgency.raise_to(priority)
         if on_progress:
             pull.listeners.append(on_progress)
 
@@ -368,22 +385,36 @@ class Service:
 
         async def run() -> Ensured:
             # Remembered until it ends, so that a daemon stopped mid-pull resumes it.
-            await self._hop(self.node.index.put, ("pull", rev), {"ref": pull.ref})
+            await self.hop(self.node.index.put, ("pull", rev), {"ref": pull.ref})
             try:
-                ensured = await self.node.ensure_resolved(res, started, advance, priority=priority)
-                await self._hop(self.node.index.delete, ("pull", rev))
-                self.counters["origin_bytes"] += ensured.origin_bytes
-                self._fresh.add(rev)
+                evicted = await make_room(
+                    self.budget,
+                    self.hop,
+                    res.ref,
+                    rev,
+                    res.manifest,
+                    self._protection,
+                    self._evict_lock,
+                )
+                for chosen in evicted:
+                    self._count(chosen)
+                ensured = await self.node.pull(
+                    res, advance, priority=pull.urgency, stats=pull.stats
+                )
+                await self.hop(self.node.index.delete, ("pull", rev))
                 # Still listed as pulling, so the budget check cannot pick this revision.
-                await self._enforce_budget()
+                self._count(
+                    await enforce(self.budget, self.hop, self._protection, self._evict_lock)
+                )
                 return ensured
             except asyncio.CancelledError:
                 raise
             except BaseException:
-                await self._hop(self.node.index.delete, ("pull", rev))
+                await self.hop(self.node.index.delete, ("pull", rev))
                 raise
             finally:
                 self._pulls.pop(rev, None)
+                self.counters["origin_bytes"] += pull.stats.origin_bytes
 
         try:
             ensured, joined = await self._flight.run(rev, run)
@@ -400,66 +431,61 @@ class Service:
         finally:
             if on_progress and on_progress in pull.listeners:
                 pull.listeners.remove(on_progress)
+        ensured = replace(ensured, seconds=self.clock.monotonic() - started)
         if joined:
             # The shared result describes the first caller's pull; this caller
             # moved no bytes itself.
             ensured = replace(
                 ensured, origin_bytes=0, reused_bytes=0, coalesced_bytes=ensured.total_bytes
             )
-        return ensured, joined, False
+        return ensured, joined
+
+    def _count(self, chosen: Plan | None) -> None:
+        if chosen is not None:
+            self.counters["evictions"] += len(chosen.revisions)
+            self.counters["evicted_bytes"] += chosen.freed_bytes
 
     # -- leases -------------------------------------------------------------------
 
-    async def _grant_lease(self, revision: str, pid: int | None, client: str | None) -> Lease:
-        now = self.wall()
-        ttl = self.cfg.daemon.lease_ttl_s
-        owner = f"pid:{pid}" if pid is not None else client
-        lease: Lease | None = None
-        if owner is not None:
-            for existing in self._leases.values():
-                if existing.owner == owner and existing.revision == revision:
-                    existing.expires = now + ttl  # renewal, not a new lease
-                    existing.holders += 1
-                    lease = existing
-                    break
-            held = sum(1 for x in self._leases.values() if x.owner == owner)
-            if lease is None and held >= self.cfg.daemon.max_leases_per_client:
-                raise TooManyLeases(
-                    f"{owner} holds {held} leases (daemon.max_leases_per_client)",
-                    hint="release leases with POST /v1/leases/{id}/release",
-                )
-        if lease is None:
-            lease = Lease(secrets.token_hex(12), revision, pid, now, now + ttl, client)
-            self._leases[lease.id] = lease
+    async def _grant_lease(
+        self, revision: str, pid: int | None, client: str | None, connection: Connection | None
+    ) -> Lease:
+        # Granted synchronously (no await can split counting a holder from the
+        # grant), then persisted; a request cancelled meanwhile gives its hold back.
+        lease = self.leases.grant(
+            revision, self.wall(), pid=pid, client=client, connection=connection
+        )
         try:
-            await self._hop(self.node.index.put, ("lease", lease.id), lease.to_json())
-        except CacheFull as exc:
-            # Held in memory all the same; only a restart would forget it.
-            log.warning("lease.not_persisted id=%s reason=%s", lease.id, exc.message)
+            await asyncio.shield(self._save_lease(lease.id))
+        except asyncio.CancelledError:
+            if self.leases.release(lease.id) is not None or lease.id in self.leases.leases:
+                self._chore(self._save_lease(lease.id))
+            raise
         return lease
 
-    async def release_lease(self, lease_id: str) -> None:
-        lease = self._leases.get(lease_id)
-        if lease is None:
-            raise NotFound(f"no lease {lease_id!r}", lease=lease_id)
-        lease.holders -= 1
-        if lease.holders > 0:
-            await self._hop(self.node.index.put, ("lease", lease_id), lease.to_json())
-            return
-        self._leases.pop(lease_id, None)
-        await self._hop(self.node.index.delete, ("lease", lease_id))
+    async def _save_lease(self, lease_id: str) -> None:
+        """Write a lease's current state (or its absence) to the index."""
+        async with self._lease_io:
+            lease = self.leases.leases.get(lease_id)
+            try:
+                if lease is None:
+                    await self.hop(self.node.index.delete, ("lease", lease_id))
+                else:
+                    await self.hop(self.node.index.put, ("lease", lease_id), lease.to_json())
+            except CacheFull as exc:
+                # Held in memory all the same; only a restart would forget it.
+                log.warning("lease.not_persisted id=%s reason=%s", lease_id, exc.message)
 
-    def _unpin(self, rev: str) -> None:
-        self._pinned[rev] -= 1
-        if self._pinned[rev] <= 0:
-            del self._pinned[rev]
+    async def release_lease(self, lease_id: str) -> None:
+        self.leases.release(lease_id)
+        await self._save_lease(lease_id)
 
     def leased_revisions(self) -> set[str]:
-        return {lease.revision for lease in self._leases.values()}
+        return set(self.leases.revisions())
 
     async def _resume_pulls(self) -> None:
         """Pulls a previous run was stopped in the middle of: finish them in the background."""
-        interrupted = await self._hop(lambda: list(self.node.index.items("pull")))
+        interrupted = await self.hop(lambda: list(self.node.index.items("pull")))
         for rev, rec in interrupted:
             try:
                 await self.ensure(
@@ -472,140 +498,25 @@ class Service:
                 log.warning("pull.resume_failed revision=%s code=%s", rev[:16], exc.code)
             # Finished, failed, or found complete (a kill after the snapshot was
             # linked, before the record was dropped): nothing is left to resume.
-            await self._hop(self.node.index.delete, ("pull", rev))
+            await self.hop(self.node.index.delete, ("pull", rev))
 
     async def _reaper(self) -> None:
         while True:
             await self.clock.sleep(REAP_INTERVAL_S)
-            now = self.wall()
-            gone = [
-                k
-                for k, v in self._leases.items()
-                if v.expires <= now or (v.pid is not None and not _alive(v.pid))
-            ]
-            for key in gone:
-                lease = self._leases.pop(key)
-                await self._hop(self.node.index.delete, ("lease", key))
+            for lease in self.leases.reap(self.wall()):
+                await self._save_lease(lease.id)
                 log.info(
-                    "lease.ended id=%s revision=%s pid=%s", key, lease.revision[:16], lease.pid
+                    "lease.ended id=%s revision=%s pid=%s", lease.id, lease.revision[:16], lease.pid
                 )
 
     # -- eviction -------------------------------------------------------------------
 
-    def _revisions(self) -> list[Revision]:
-        store, index = self.node.store, self.node.index
-        out = []
-        for rev in store.snapshot_revisions():
-            manifest = self._manifest(rev)
-            if manifest is None:
-                continue  # not evictable by plan: `verify --repair` deals with it
-            rec = index.snapshot(rev)
-            accessed = rec["accessed"] if rec else 0.0
-            out.append(Revision(rev, accessed, frozenset(f.blake3 for f in manifest.files)))
-        return out
-
-    def _manifest(self, rev: str) -> Manifest | None:
-        """A cached manifest, or None if missing or corrupt (one bad file must not take
-        status, metrics and eviction down with it)."""
-        try:
-            return self.node.store.load_manifest(rev)
-        except WeightcacheError as exc:
-            log.error("cache.corrupt_manifest revision=%s error=%s", rev[:16], exc)
-            return None
-
-    def _reserved_bytes(self, rev: str) -> int:
-        """Bytes the other pulls in flight will still commit (blocking; in a hop)."""
-        store = self.node.store
-        pending: dict[str, int] = {}
-        for other in tuple(self._pulls):
-            manifest = store.load_manifest(other) if other != rev else None
-            for f in manifest.files if manifest else ():
-                if f.blake3 not in pending and not store.has_blob(f.blake3, f.size):
-                    pending[f.blake3] = f.size
-        return sum(pending.values())
-
-    def _pulling_blobs(self) -> set[str]:
-        blobs: set[str] = set()
-        for rev in self._pulls:
-            manifest = self._manifest(rev)
-            if manifest is not None:
-                blobs |= {f.blake3 for f in manifest.files}
-        return blobs
-
-    def _evict_plan(self, need: int, protect: set[str]) -> Plan:
-        sizes = dict(self.node.store.iter_blobs())
-        return plan(
-            self._revisions(),
-            sizes,
-            need=need,
-            protected_revisions=self.leased_revisions()
-            | set(self._pulls)
-            | self._fresh
-            | set(self._pinned),
-            protected_blobs=protect | self._pulling_blobs(),
-        )
-
-    def _apply(self, chosen: Plan, reason: str) -> int:
-        store, index = self.node.store, self.node.index
-        for rev in chosen.revisions:
-            store.remove_snapshot(rev)  # first the snapshot, so no reader sees a partial one
-            index.drop_snapshot(rev)
-            log.info("evict.revision revision=%s reason=%s", rev[:16], reason)
-        freed = 0
-        for digest in chosen.blobs:
-            try:
-                size = store.blob_path(digest).stat().st_size
-                os.unlink(store.blob_path(digest))
-            except FileNotFoundError:
-                continue
-            index.drop_blob(digest)
-            freed += size
-        self.counters["evictions"] += len(chosen.revisions)
-        self.counters["evicted_bytes"] += freed
-        if chosen.revisions or chosen.blobs:
-            log.info(
-                "evict.done revisions=%d blobs=%d bytes=%d reason=%s",
-                len(chosen.revisions),
-                len(chosen.blobs),
-                freed,
-                reason,
-            )
-        return freed
-
-    async def _make_room(self, need: int, protect: set[str]) -> None:
-        async with self._evict_lock:
-            chosen = await self._hop(self._evict_plan, need, protect)
-            if chosen.shortfall:
-                # Even every allowed eviction would not make the pull fit: it fails
-                # with cache_full anyway, so evict nothing.
-                return
-            await self._hop(self._apply, chosen, "make_room")
-
-    async def _enforce_budget(self) -> None:
-        """After a pull: bring the cache back under its budget and above its reserve."""
-        async with self._evict_lock:
-            need = await self._hop(self._over_budget)
-            if need:
-                chosen = await self._hop(self._evict_plan, need, set())
-                await self._hop(self._apply, chosen, "budget")
-
-    def _over_budget(self) -> int:
-        store = self.node.store
-        budget = self.cfg.cache.max_bytes
-        return bytes_to_free(
-            used=store.blob_bytes() if budget else 0,
-            incoming=0,
-            budget=budget,
-            free=store.free_bytes(),
-            reserve=self.cfg.cache.reserve_bytes,
-        )
-
     async def evict(self, ref: str, *, force: bool = False) -> dict[str, Any]:
         parsed = self.node.parse(ref)
-        rev = await self._hop(self._cached_revision, parsed)
+        rev = await self.hop(self._cached_revision, parsed)
         if rev in self._pulls:
             raise ModelLeased(f"{ref} is being pulled right now", revision=rev)
-        holders = [x for x in self._leases.values() if x.revision == rev]
+        holders = self.leases.of(rev)
         if holders and not force:
             raise ModelLeased(
                 f"{ref} (revision {rev[:16]}) is leased by {len(holders)} client(s)",
@@ -615,27 +526,15 @@ class Service:
             )
         async with self._evict_lock:
             for lease in holders:
-                self._leases.pop(lease.id, None)
-                await self._hop(self.node.index.delete, ("lease", lease.id))
-
-            def choose() -> Plan:
-                sizes = dict(self.node.store.iter_blobs())
-                others = [r for r in self._revisions() if r.rev != rev]
-                needed: set[str] = set()
-                for r in others:
-                    needed |= r.blobs
-                mine = next((r for r in self._revisions() if r.rev == rev), None)
-                blobs = sorted(
-                    (mine.blobs if mine else frozenset()) - needed - self._pulling_blobs()
-                )
-                return Plan((rev,), tuple(b for b in blobs if b in sizes), 0, 0)
-
-            chosen = await self._hop(choose)
-            freed = await self._hop(self._apply, chosen, "admin")
+                self.leases.drop(lease.id)
+                await self._save_lease(lease.id)
+            protection = Protection(blobs=frozenset())
+            chosen = await self.hop(self.budget.evict_revision, rev, protection)
+        self._count(chosen)
         return {
             "ref": ref,
             "revision": rev,
-            "freed_bytes": freed,
+            "freed_bytes": chosen.freed_bytes,
             "blobs_removed": len(chosen.blobs),
             "forced": bool(holders),
         }
@@ -646,7 +545,6 @@ class Service:
         if ref.rev and is_digest(ref.rev):
             matches = [ref.rev] if store.has_snapshot(ref.rev) else []
         elif ref.rev:
-            assert ref.rev is not None
             prefix = ref.rev
             matches = [
                 rev
@@ -679,132 +577,31 @@ class Service:
         if self._closing:
             raise ShuttingDown("the daemon is shutting down")
         self.node.parse(ref)  # a bad ref fails now, not when the job runs
-        if at is not None and deadline is not None and deadline <= at:
-            raise RequestInvalid("deadline must be after at", field="deadline")
-        now = self.wall()
-        if at is None:
-            # "now" jobs are idempotent while one for the ref is still waiting or running;
-            # once it finished, asking again pulls again (a new revision, an eviction).
-            for job in self._jobs.values():
-                if job.ref == ref and job.at is None and job.state in ("scheduled", "running"):
-                    return job, False
-            job_id = digest_bytes(f"{ref}\0now\0{now}".encode())[:16]
-        else:
-            job_id = digest_bytes(f"{ref}\0{at}".encode())[:16]
-            existing = self._jobs.get(job_id)
-            if existing is not None:
-                return existing, False
-        begin = (
-            now
-            if at is None
-            else start_time(at, deadline, self.node_name, job_id, self.cfg.daemon.prefetch_spread_s)
-        )
-        job = Job(job_id, ref, at, deadline, priority.label, "scheduled", now, begin)
-        self._jobs[job_id] = job
-        await self._hop(self.node.index.put, ("job", job_id), job.to_json())
-        self._wake.set()
-        log.info("job.scheduled id=%s ref=%s start_after=%.0f", job_id, ref, begin)
-        return job, True
+        return await self.jobs_book.add(ref, at=at, deadline=deadline, priority=priority)
 
     def jobs(self) -> list[Job]:
-        return sorted(self._jobs.values(), key=lambda j: (j.start_after, j.id))
+        return self.jobs_book.listed()
 
     def job(self, job_id: str) -> Job:
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id!r}", job=job_id)
-        return job
+        return self.jobs_book.get(job_id)
 
-    async def _scheduler(self) -> None:
-        while True:
-            now = self.wall()
-            expired = [
-                j.id
-                for j in self._jobs.values()
-                if j.finished is not None and j.finished < now - JOB_RETENTION_S
-            ]
-            for job_id in expired:
-                del self._jobs[job_id]
-                await self._hop(self.node.index.delete, ("job", job_id))
-            for job in self.jobs():
-                if (
-                    job.state == "scheduled"
-                    and job.start_after <= now
-                    and job.id not in self._job_tasks
-                ):
-                    self._job_tasks[job.id] = asyncio.create_task(self._run_job(job))
-            upcoming = [j.start_after - now for j in self._jobs.values() if j.state == "scheduled"]
-            delay = min([SCHEDULER_TICK_S, *[d for d in upcoming if d > 0]])
-            self._wake.clear()
-            sleeper = asyncio.ensure_future(self.clock.sleep(delay))
-            waker = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait([sleeper, waker], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                sleeper.cancel()
-                waker.cancel()
-
-    async def _run_job(self, job: Job) -> None:
-        job.state = "running"
-        job.started = self.wall()
-        await self._hop(self.node.index.put, ("job", job.id), job.to_json())
-
-        def progress(event: ProgressEvent) -> None:
-            job.done_bytes, job.total_bytes = event.done_bytes, event.total_bytes
-
-        try:
-            result = await self.ensure(
-                job.ref, priority=Priority.parse(job.priority), lease=False, on_progress=progress
-            )
-            job.state = "done"
-            job.revision = result.ensured.revision
-            job.done_bytes = job.total_bytes = result.ensured.total_bytes
-        except asyncio.CancelledError:
-            job.state = "scheduled"  # resumed by the next start
-            raise
-        except WeightcacheError as exc:
-            job.state = "failed"
-            job.error = {"code": exc.code, "message": exc.message}
-            log.warning("job.failed id=%s ref=%s code=%s", job.id, job.ref, exc.code)
-        finally:
-            self._job_tasks.pop(job.id, None)
-            job.finished = self.wall() if job.state in ("done", "failed") else None
-            job.late = bool(
-                job.deadline is not None and job.finished and job.finished > job.deadline
-            )
-            await asyncio.shield(self._hop(self.node.index.put, ("job", job.id), job.to_json()))
-        log.info("job.%s id=%s ref=%s late=%s", job.state, job.id, job.ref, job.late)
+    async def _run_job(self, job: Job, progress: Callable[[int, int], None]) -> str:
+        result = await self.ensure(
+            job.ref,
+            priority=Priority.parse(job.priority),
+            lease=False,
+            on_progress=lambda e: progress(e.done_bytes, e.total_bytes),
+        )
+        job.total_bytes = result.ensured.total_bytes
+        return result.ensured.revision
 
     # -- status, blobs, health -----------------------------------------------------------
 
-    def _disk(self) -> dict[str, Any]:
+    def _scan(self, leases: Counter[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The disk and the cached models (blocking; ``leases`` is a snapshot)."""
         store = self.node.store
-        return {
-            "cache_dir": str(self.cfg.cache.dir),
-            "used_bytes": store.blob_bytes(),
-            "budget_bytes": self.cfg.cache.max_bytes,
-            "reserve_bytes": self.cfg.cache.reserve_bytes,
-            "free_bytes": store.free_bytes(),
-        }
-
-    def _models(self) -> list[dict[str, Any]]:
-        leases = Counter(x.revision for x in self._leases.values())
-        rows = []
-        for rev in self.node.store.snapshot_revisions():
-            manifest = self._manifest(rev)
-            rec = self.node.index.snapshot(rev)
-            rows.append(
-                {
-                    "revision": rev,
-                    "location": rec["location"] if rec else "",
-                    "state": "cached" if manifest is not None else "corrupt",
-                    "files": len(manifest.files) if manifest else 0,
-                    "bytes": manifest.total_bytes if manifest else 0,
-                    "leases": leases.get(rev, 0),
-                    "last_used": rec["accessed"] if rec else None,
-                }
-            )
-        return rows
+        rows = inventory.models(store, self.node.index, self.budget.manifest, leases)
+        return inventory.disk(store, self.cfg), rows
 
     async def status(self) -> dict[str, Any]:
         """The node's state. Concurrent callers share one snapshot (a scrape storm
@@ -813,8 +610,8 @@ class Service:
         return doc
 
     async def _status(self) -> dict[str, Any]:
-        disk = await self._hop(self._disk)
-        models = await self._hop(self._models)
+        leases = Counter(x.revision for x in self.leases.leases.values())
+        disk, models = await self.hop(self._scan, leases)
         now = self.clock.monotonic()
         pulls = []
         for pull in self._pulls.values():
@@ -856,6 +653,8 @@ class Service:
                 "peer_bytes_served",
             )
         }
+        # Bytes of pulls still running count as they arrive, not when the pull ends.
+        counters["origin_bytes"] += sum(p.stats.origin_bytes for p in self._pulls.values())
         return {
             "node": self.node_name,
             "version": __version__,
@@ -865,8 +664,8 @@ class Service:
             "disk": disk,
             "models": models,
             "pulls": pulls,
-            "leases": len(self._leases),
-            "jobs": dict(Counter(j.state for j in self._jobs.values())),
+            "leases": len(self.leases),
+            "jobs": self.jobs_book.states(),
             "pending": self._pending,
             "max_pending": self.cfg.daemon.max_pending,
             "origin_slots": {
@@ -877,6 +676,7 @@ class Service:
         }
 
     def blob_path(self, digest: str) -> tuple[Path, int]:
+        """A verified blob to serve (blocking: call it in a worker thread)."""
         if not is_digest(digest):
             raise RequestInvalid(
                 "blobs are addressed by their full lower-case hex BLAKE3 digest", digest=digest[:80]
@@ -905,13 +705,3 @@ class Service:
             "version": __version__,
             "closing": self._closing,
         }
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, as another user
-    return True

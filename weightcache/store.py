@@ -5,6 +5,7 @@ Layout (see docs/cache-layout.md)::
     CACHE/blobs/<blake3>                   complete, verified, read-only file bodies
     CACHE/partial/<blake3>.part            a download in progress (preallocated, written in place)
     CACHE/partial/<blake3>.chunks          chunks written and verified (a hint, re-checked)
+    CACHE/partial/<blake3>.progress        bytes synced inside chunks in flight (a hint, re-checked)
     CACHE/partial/<blake3>.lock            flock: one puller per blob on the node
     CACHE/manifests/<rev>.json             verified manifests (bytes hash to <rev>)
     CACHE/snapshots/<rev>/<path>           symlinks into blobs/, the whole directory or nothing
@@ -29,18 +30,22 @@ import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from weightcache.errors import CacheCorrupt, CacheFull, HashMismatch
+from weightcache.errors import CacheCorrupt, CacheFull, CacheIOError, HashMismatch
 from weightcache.hashing import digest_bytes, digest_file, is_digest
 from weightcache.manifest import Manifest, parse
 
 log = logging.getLogger(__name__)
 
 _CHUNK_RECORD = struct.Struct("<I")
-_DIRS = ("blobs", "partial", "manifests", "snapshots", "refs", "quarantine")
+#: (chunk index, bytes of the chunk written from its start and fdatasync'ed first)
+_PROGRESS_RECORD = struct.Struct("<IQ")
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+_DIRS = ("blobs", "partial", "manifests", "snapshots", "refs", "quarantine", "locks")
 
 
 def fsync_dir(path: Path) -> None:
@@ -51,11 +56,38 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def disk_errors(path: Path, doing: str, **facts: Any) -> Iterator[None]:
+    """Translate an ``OSError`` of the cache's file system into the error tree.
+
+    A full disk (``ENOSPC``, ``EDQUOT``) is :class:`CacheFull`; anything else
+    (``EIO``, ``EROFS`` after a remount, ``EACCES``, a file removed by hand) is
+    :class:`CacheIOError` naming the path and the errno. Wrap only calls whose
+    every failure is the disk's: expected misses (a chunk log not written yet)
+    are handled before they get here.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL_DISK:
+            raise CacheFull(f"disk full {doing} {path}", path=str(path), **facts) from exc
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        raise CacheIOError(
+            f"{doing} {path} failed: {exc.strerror or exc} ({name})",
+            hint="check the cache's file system: kernel log (dmesg), mount options "
+            "(read-only after an error?), ownership and modes of cache.dir",
+            path=str(path),
+            errno=name,
+            **facts,
+        ) from exc
+
+
 @dataclass(frozen=True, slots=True)
 class PartialPaths:
     part: Path
     chunks: Path
     lock: Path
+    progress: Path
 
 
 class BlobLock:
@@ -108,6 +140,7 @@ class Store:
         self.refs = root / "refs"
         self.quarantine = root / "quarantine"
         self.index_dir = root / "index"
+        self.locks = root / "locks"
 
     def ensure_layout(self) -> None:
         for name in _DIRS:
@@ -132,6 +165,7 @@ class Store:
             part=base.with_suffix(".part"),
             chunks=base.with_suffix(".chunks"),
             lock=base.with_suffix(".lock"),
+            progress=base.with_suffix(".progress"),
         )
 
     def blob_lock(self, digest: str) -> BlobLock:
@@ -140,49 +174,71 @@ class Store:
     def open_part(self, digest: str, size: int) -> None:
         """Create (or keep) the preallocated part file, so a full disk shows now, not halfway."""
         paths = self.partial_paths(digest)
-        with suppress(FileNotFoundError):
-            os.chmod(paths.part, 0o600)  # a kill between commit's chmod and rename
-        fd = os.open(paths.part, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != size:
-                os.ftruncate(fd, size)
-            if size:
-                try:
-                    os.posix_fallocate(fd, 0, size)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise CacheFull(
-                            f"no room to preallocate {size} bytes for blob {digest[:16]}",
-                            needed_bytes=size,
-                        ) from exc
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-        finally:
-            os.close(fd)
+        with disk_errors(paths.part, "creating part file", needed_bytes=size):
+            with suppress(FileNotFoundError):
+                os.chmod(paths.part, 0o600)  # a kill between commit's chmod and rename
+            fd = os.open(paths.part, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)
+                if size:
+                    try:
+                        os.posix_fallocate(fd, 0, size)
+                    except OSError as exc:
+                        if exc.errno in _FULL_DISK:
+                            raise CacheFull(
+                                f"no room to preallocate {size} bytes for blob {digest[:16]}",
+                                needed_bytes=size,
+                            ) from exc
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+            finally:
+                os.close(fd)
 
     def read_chunk_log(self, digest: str) -> set[int]:
         """Chunks a previous puller recorded as verified. Only a hint: callers re-hash them."""
-        try:
-            data = self.partial_paths(digest).chunks.read_bytes()
-        except FileNotFoundError:
-            return set()
+        data = self._read_log(self.partial_paths(digest).chunks)
         usable = len(data) - len(data) % _CHUNK_RECORD.size  # a torn last record is dropped
         return {v for (v,) in _CHUNK_RECORD.iter_unpack(data[:usable])}
 
     def record_chunk(self, digest: str, index: int) -> None:
         # O_APPEND writes of 4 bytes do not interleave; no fsync: the record is a
         # hint that the resume path verifies before trusting.
-        fd = os.open(
-            self.partial_paths(digest).chunks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
-        )
-        try:
-            os.write(fd, _CHUNK_RECORD.pack(index))
-        finally:
-            os.close(fd)
+        self._append_log(self.partial_paths(digest).chunks, _CHUNK_RECORD.pack(index))
 
     def reset_chunk_log(self, digest: str, indices: set[int]) -> None:
         path = self.partial_paths(digest).chunks
-        path.write_bytes(b"".join(_CHUNK_RECORD.pack(i) for i in sorted(indices)))
+        with disk_errors(path, "rewriting chunk log"):
+            path.write_bytes(b"".join(_CHUNK_RECORD.pack(i) for i in sorted(indices)))
+
+    def read_progress(self, digest: str) -> dict[int, int]:
+        """Bytes written from the start of each chunk still in flight when its puller
+        stopped: the last record per chunk. Only a hint: the resume re-hashes that
+        prefix from the part file and checks the whole chunk before trusting it."""
+        data = self._read_log(self.partial_paths(digest).progress)
+        usable = len(data) - len(data) % _PROGRESS_RECORD.size  # a torn last record is dropped
+        return dict(_PROGRESS_RECORD.iter_unpack(data[:usable]))
+
+    def record_progress(self, digest: str, index: int, written: int) -> None:
+        """Append (chunk, bytes written). The caller ``fdatasync``s the part file
+        first, so a record that reached the disk never claims bytes that did not."""
+        self._append_log(self.partial_paths(digest).progress, _PROGRESS_RECORD.pack(index, written))
+
+    def _read_log(self, path: Path) -> bytes:
+        data = b""
+        with disk_errors(path, "reading"), suppress(FileNotFoundError):
+            data = path.read_bytes()
+        return data
+
+    def _append_log(self, path: Path, record: bytes) -> None:
+        # Records are a few bytes, written with one O_APPEND write: concurrent
+        # transfers of one blob never interleave inside a record.
+        with disk_errors(path, "appending to"):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, record)
+            finally:
+                os.close(fd)
 
     def commit_blob(self, digest: str, size: int) -> Path:
         """Move a finished part file into ``blobs/``: size check, hash check, fsync, rename.
@@ -191,30 +247,32 @@ class Store:
         repair) when the whole file does not hash to ``digest``.
         """
         paths = self.partial_paths(digest)
-        actual_size = paths.part.stat().st_size
-        if actual_size != size:
-            raise HashMismatch(
-                f"part file of blob {digest} is {actual_size} bytes, expected {size}",
-                expected=digest,
-            )
-        actual = digest_file(paths.part)
+        with disk_errors(paths.part, "checking part file"):
+            actual_size = paths.part.stat().st_size
+            if actual_size != size:
+                raise HashMismatch(
+                    f"part file of blob {digest} is {actual_size} bytes, expected {size}",
+                    expected=digest,
+                )
+            actual = digest_file(paths.part)
         if actual != digest:
             raise HashMismatch(
                 f"assembled blob hashes to {actual}, expected {digest}",
                 expected=digest,
                 actual=actual,
             )
-        fd = os.open(paths.part, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(paths.part, 0o444)
         target = self.blob_path(digest)
-        os.replace(paths.part, target)
-        fsync_dir(self.blobs)
-        for leftover in (paths.chunks,):
-            with suppress(FileNotFoundError):
+        with disk_errors(paths.part, "committing part file"):
+            fd = os.open(paths.part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(paths.part, 0o444)
+            os.replace(paths.part, target)
+            fsync_dir(self.blobs)
+        for leftover in (paths.chunks, paths.progress):
+            with suppress(OSError):  # the blob is committed; a stray hint is harmless
                 os.unlink(leftover)
         return target
 
@@ -272,6 +330,15 @@ class Store:
     def has_snapshot(self, rev: str) -> bool:
         return self.snapshot_path(rev).is_dir()
 
+    def missing_blobs(self, manifest: Manifest) -> list[str]:
+        """Blobs of ``manifest`` that are not in ``blobs/`` with their size.
+
+        A snapshot whose blobs are all present is a cache hit; one with a blob
+        missing (a removal cut short by a power loss, a hand-deleted file) is
+        not: the revision is pulled again, never served with a dangling link.
+        """
+        return sorted({f.blake3 for f in manifest.files if not self.has_blob(f.blake3, f.size)})
+
     def link_snapshot(self, rev: str, manifest: Manifest) -> Path:
         """Publish ``snapshots/<rev>/`` atomically: built aside, then renamed into place.
 
@@ -313,9 +380,12 @@ class Store:
         target = self.snapshot_path(rev)
         if not target.exists():
             return
-        # Rename first so that no reader ever sees a half-removed snapshot.
+        # Unpublish first, durably: rename, then fsync snapshots/. Only then may the
+        # caller unlink the blobs it pointed at; after a power loss the snapshot is
+        # either whole or gone, never back with dangling links.
         doomed = self.snapshots / f".del-{rev[:16]}-{uuid.uuid4().hex[:8]}"
         os.rename(target, doomed)
+        fsync_dir(self.snapshots)
         shutil.rmtree(doomed, ignore_errors=True)
 
     def snapshot_revisions(self) -> list[str]:

@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from weightcache.config import Config
 from weightcache.errors import WeightcacheError
 from weightcache.hashing import digest_file
 from weightcache.index import Index
+from weightcache.locks import CacheLock
 from weightcache.store import Store
 
 log = logging.getLogger(__name__)
@@ -63,30 +65,62 @@ BlobFn = Callable[[str, int], None]
 
 
 def verify(
-    store: Store, index: Index, *, repair: bool = False, on_blob: BlobFn | None = None
+    store: Store,
+    index: Index,
+    *,
+    repair: bool = False,
+    on_blob: BlobFn | None = None,
+    lock: CacheLock | None = None,
 ) -> VerifyReport:
-    report = VerifyReport()
+    """Re-hash every blob, then, under the exclusive cache lock (no eviction, no new
+    use of a revision meanwhile), confirm what looked wrong and reconcile the rest.
 
+    The hashing, which takes as long as the cache is large, runs without the
+    lock: blobs are read-only and only ever unlinked, so a blob evicted under it
+    is skipped, never misreported. Loads wait only for the short second phase.
+    """
+    report = VerifyReport()
+    suspects: list[tuple[str, str]] = []
     for digest, size in sorted(store.iter_blobs()):
         path = store.blob_path(digest)
-        actual = digest_file(path)
+        try:
+            actual = digest_file(path)
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue  # evicted while we looked
         report.blobs_checked += 1
         report.bytes_checked += size
         if on_blob:
             on_blob(digest, size)
         if actual != digest:
-            report.corrupt_blobs.append(digest)
-            log.error("verify.corrupt blob=%s actual=%s", digest, actual)
-            if repair:
-                moved = store.quarantine_blob(digest)
-                index.drop_blob(digest)
-                report.repaired.append(f"quarantined blob {digest} -> {moved.name}")
+            suspects.append((digest, actual))
             continue
-        if os.stat(path).st_mode & 0o222:
+        if mode & 0o222:
             report.writable_blobs.append(digest)
             if repair:
                 os.chmod(path, 0o444)
                 report.repaired.append(f"made blob {digest} read-only")
+    with lock.exclusive() if lock is not None else contextlib.nullcontext():
+        _reconcile(store, index, report, suspects, repair)
+    return report
+
+
+def _reconcile(
+    store: Store,
+    index: Index,
+    report: VerifyReport,
+    suspects: list[tuple[str, str]],
+    repair: bool,
+) -> None:
+    for digest, actual in suspects:
+        if not store.blob_path(digest).exists():
+            continue  # evicted between the hash and the lock
+        report.corrupt_blobs.append(digest)
+        log.error("verify.corrupt blob=%s actual=%s", digest, actual)
+        if repair:
+            moved = store.quarantine_blob(digest)
+            index.drop_blob(digest)
+            report.repaired.append(f"quarantined blob {digest} -> {moved.name}")
 
     for rev in store.revisions():
         try:
@@ -133,7 +167,43 @@ def verify(
     report.partial_downloads = sorted(
         p.name.removesuffix(".part") for p in store.partial.glob("*.part")
     )
-    return report
+
+
+@dataclass
+class VerifyOutcome:
+    """``weightcache verify``: the report, and the revisions pulled again after repair."""
+
+    report: VerifyReport
+    snapshots: int
+    refetched: list[str] = field(default_factory=list)
+    refetch_failed: list[str] = field(default_factory=list)
+
+
+def verify_cache(cfg: Config, *, repair: bool = False) -> VerifyOutcome:
+    """Verify the configured cache; with ``repair``, pull broken snapshots again
+    (embedded, after the lock is released: a pull registers its use under it)."""
+    store = Store(cfg.cache.dir)
+    store.ensure_layout()
+    index = Index(store.index_dir)
+    try:
+        locations = {rev: rec["location"] for rev, rec in index.snapshots()}
+        report = verify(store, index, repair=repair, lock=CacheLock(store.locks))
+    finally:
+        index.close()
+    outcome = VerifyOutcome(report, len(store.snapshot_revisions()))
+    if repair:
+        from weightcache.embedded import ensure_blocking
+
+        for rev in report.broken_snapshots:
+            if not locations.get(rev):
+                continue
+            ref = f"{locations[rev]}@{rev}"
+            try:
+                ensure_blocking(ref, cfg)
+                outcome.refetched.append(ref)
+            except WeightcacheError as exc:
+                outcome.refetch_failed.append(f"{ref}: {exc.code}: {exc}")
+    return outcome
 
 
 def _snapshot_problem(store: Store, rev: str) -> str | None:

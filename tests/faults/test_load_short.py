@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.load import Options, _without_lost, run, summary, table
+from weightcache.budget import Protection
 from weightcache.config import Config, load_config
 from weightcache.publish import publish
 from weightcache.refs import parse_ref
@@ -121,25 +122,25 @@ async def test_two_threads_of_one_worker_each_keep_their_lease(tmp_path: Path) -
 
 
 async def test_an_eviction_racing_a_cache_hit_leaves_the_leased_files(tmp_path: Path) -> None:
-    # Another pull's make_room (here: the hook Node calls, asking for every byte the
-    # cache holds) lands while a cache hit is between its snapshot check and its lease.
+    # Another pull's eviction (asking for every byte the cache holds) lands while a
+    # cache hit is between its snapshot check and its lease.
     ref = _model(tmp_path, "m", 1 * MB, 1)
     service = Service(_config(tmp_path))
     await service.start()
     try:
         await service.ensure(ref, lease=False)
-        make_room = service.node.make_room
-        assert make_room is not None
-        original = service.node.ensure_resolved
-
+        original = service.node.lookup
         held = sum(size for _, size in service.node.store.iter_blobs())
 
         async def evicted_meanwhile(*args: Any, **kwargs: Any) -> Any:
             ensured = await original(*args, **kwargs)
-            await make_room(held, set())
+            chosen = await service.hop(
+                service.budget.evict, held, Protection(), "make_room", partial=True
+            )
+            assert chosen.revisions == ()  # the hit's revision is in use: protected
             return ensured
 
-        service.node.ensure_resolved = evicted_meanwhile  # type: ignore[method-assign]
+        service.node.lookup = evicted_meanwhile  # type: ignore[method-assign]
         got = await service.ensure(ref, pid=os.getpid())
         assert got.lease is not None
         missing = [f.path for f in got.ensured.files if not f.local_path.exists()]
@@ -174,10 +175,11 @@ async def test_two_concurrent_pulls_stay_within_the_budget(tmp_path: Path) -> No
     a = _model(tmp_path, "a", 2 * MB, 1)
     b = _model(tmp_path, "b", 2 * MB, 2)
     service = Service(_config(tmp_path, WEIGHTCACHE_CACHE_MAX_BYTES=str(3 * MB)))
+    await service.start()
     store = service.node.store
     checks = 0
     both_checked = threading.Event()
-    real_shortfall = service.node._space_shortfall
+    real_shortfall = service.budget.shortfall
     real_commit = store.commit_blob
     peak = 0
 
@@ -197,9 +199,8 @@ async def test_two_concurrent_pulls_stay_within_the_budget(tmp_path: Path) -> No
         peak = max(peak, store.blob_bytes())
         return path
 
-    service.node._space_shortfall = counted_shortfall  # type: ignore[method-assign]
+    service.budget.shortfall = counted_shortfall  # type: ignore[method-assign]
     store.commit_blob = commit_then_measure  # type: ignore[method-assign]
-    await service.start()
     try:
         await asyncio.gather(service.ensure(a), service.ensure(b), return_exceptions=True)
         assert peak <= 3 * MB, f"{peak} bytes of blobs against a budget of {3 * MB}"

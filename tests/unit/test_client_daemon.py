@@ -532,7 +532,7 @@ def test_loader_through_the_daemon_releases_its_lease(
 ) -> None:
     ref, files = model
     # The fake daemon answers with what a real pull made local.
-    from weightcache.node import ensure_blocking
+    from weightcache.embedded import ensure_blocking
 
     doc = ensure_blocking(ref, load_config()).to_json()
     doc.update(source="origin", coalesced=False, lease={"id": "L9", "revision": doc["revision"]})
@@ -571,7 +571,7 @@ def test_loader_retries_an_overloaded_daemon_after_retry_after(
     model: tuple[str, dict[str, Path]], fake: FakeDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ref, files = model
-    from weightcache.node import ensure_blocking
+    from weightcache.embedded import ensure_blocking
 
     doc = ensure_blocking(ref, load_config()).to_json()
     doc.update(source="cache", coalesced=False, lease=None)
