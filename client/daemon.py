@@ -239,8 +239,12 @@ class DaemonClient:
             self._host, self._port, timeout=self.connect_timeout_s, read_timeout=read_timeout
         )
 
-    def _headers(self, body: bytes | None, accept: str) -> dict[str, str]:
-        headers = {"User-Agent": _USER_AGENT, "Accept": accept, "Connection": "close"}
+    def _headers(self, body: bytes | None, accept: str, keep: bool = False) -> dict[str, str]:
+        headers = {
+            "User-Agent": _USER_AGENT,
+            "Accept": accept,
+            "Connection": "keep-alive" if keep else "close",
+        }
         if body is not None:
             headers["Content-Type"] = "application/json"
         if self._token:
@@ -274,12 +278,17 @@ class DaemonClient:
         *,
         accept: str = "application/json",
         read_timeout: float | None,
+        conn: http.client.HTTPConnection | None = None,
+        keep: bool = False,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         body = json.dumps(doc).encode() if doc is not None else None
-        conn = self._connection(read_timeout)
+        conn = conn if conn is not None else self._connection(read_timeout)
         try:
             conn.request(
-                method, self._base_path + path, body=body, headers=self._headers(body, accept)
+                method,
+                self._base_path + path,
+                body=body,
+                headers=self._headers(body, accept, keep),
             )
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
@@ -381,6 +390,33 @@ class DaemonClient:
             accept=f"{NDJSON}, application/json",
             read_timeout=self.ensure_timeout_s,
         )
+        return self._streamed(conn, resp, path, on_progress)
+
+    def ensure_held(self, ref: str, *, priority: str = "worker") -> tuple[dict[str, Any], Hold]:
+        """``POST /v1/ensure`` with a lease **bound to this connection**: the daemon ends
+        the lease when the connection closes, whatever ends this process (``kill -9``
+        included, and across pid namespaces where the daemon cannot see the pid).
+        The connection stays open in the returned :class:`Hold` until released."""
+        path = "/v1/ensure"
+        doc = {"ref": ref, "stream": False, "lease": True, "priority": priority, "bind": True}
+        conn, resp = self._open("POST", path, doc, read_timeout=self.ensure_timeout_s, keep=True)
+        try:
+            raw = self._read_all(resp, "POST", path)
+            if resp.status >= 400:
+                self._raise_for(resp, raw, "POST", path)
+            result = self._parse(raw, "POST", path)
+        except BaseException:
+            conn.close()
+            raise
+        return result, Hold(self, conn, _lease_id(result))
+
+    def _streamed(
+        self,
+        conn: http.client.HTTPConnection,
+        resp: http.client.HTTPResponse,
+        path: str,
+        on_progress: ProgressFn,
+    ) -> dict[str, Any]:
         try:
             if resp.status >= 400:
                 self._raise_for(resp, self._read_all(resp, "POST", path), "POST", path)
@@ -484,9 +520,7 @@ class DaemonClient:
 
     def release(self, lease_id: str) -> dict[str, Any]:
         """``POST /v1/leases/{id}/release``: end a lease before it expires."""
-        return self._call(
-            "POST", f"/v1/leases/{urllib.parse.quote(str(lease_id), safe='')}/release"
-        )
+        return self._call("POST", _release_path(lease_id))
 
     def health(self) -> dict[str, Any]:
         """``GET /healthz``: ``{"live", "ready", ...}``; a daemon not ready (yet) answers 503."""
@@ -505,3 +539,49 @@ def _error_from_body(
             err.retry_after_s = float(retry_after) if retry_after else err.retry_after_s
         err.facts["retry_after_s"] = err.retry_after_s
     return err
+
+
+def _release_path(lease_id: str) -> str:
+    return f"/v1/leases/{urllib.parse.quote(str(lease_id), safe='')}/release"
+
+
+def _lease_id(result: Mapping[str, Any]) -> str | None:
+    lease = result.get("lease")
+    if isinstance(lease, Mapping) and lease.get("id") is not None:
+        return str(lease["id"])
+    return None
+
+
+class Hold:
+    """A lease bound to an open connection to the daemon. :meth:`release` ends it
+    (over the same connection, then closes it); a process that dies without
+    releasing ends it too, because the kernel closes the connection."""
+
+    def __init__(
+        self, client: DaemonClient, conn: http.client.HTTPConnection, lease_id: str | None
+    ) -> None:
+        self._client = client
+        self._conn: http.client.HTTPConnection | None = conn
+        self.lease_id = lease_id
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if self.lease_id is not None:
+                path = _release_path(self.lease_id)
+                _, resp = self._client._open(
+                    "POST", path, None, read_timeout=self._client.read_timeout_s, conn=conn
+                )
+                resp.read()
+                resp.close()
+        except WeightcacheError as exc:
+            # Closing the connection below ends the lease anyway.
+            log.info("lease.release_failed lease=%s code=%s", self.lease_id, exc.code)
+        finally:
+            conn.close()
+
+    def __del__(self) -> None:
+        if self._conn is not None:
+            self._conn.close()

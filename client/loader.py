@@ -17,9 +17,10 @@ it is mapped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,8 +87,18 @@ def _ensure(ref: str, cfg: Config, *, lease: bool = True) -> Ensured:
     if client is not None:
         try:
             # The daemon's queue of distinct pulls is full: it says when to come back.
+            def ask() -> Ensured:
+                if not lease:
+                    return Ensured.from_json(client.ensure(ref, lease=False), mode="daemon")
+                # The lease is bound to this connection: a worker killed while it
+                # holds it frees it, even where the daemon cannot see its pid.
+                doc, hold = client.ensure_held(ref)
+                ensured = Ensured.from_json(doc, mode="daemon")
+                ensured.hold = hold
+                return ensured
+
             return retry_sync(
-                lambda: Ensured.from_json(client.ensure(ref, lease=lease), mode="daemon"),
+                ask,
                 Backoff(
                     OVERLOADED_RETRIES,
                     0.1,
@@ -105,11 +116,14 @@ def _ensure(ref: str, cfg: Config, *, lease: bool = True) -> Ensured:
             log.warning("load.fallback reason=%s daemon=%s mode=embedded", reason, client.address)
     from weightcache.embedded import ensure_blocking
 
-    return ensure_blocking(ref, cfg)
+    return ensure_blocking(ref, cfg, hold=lease)
 
 
 def _release(ensured: Ensured, cfg: Config) -> None:
     """End the daemon's lease; it expires anyway, so a failure is only logged."""
+    if ensured.hold is not None:
+        ensured.release()
+        return
     lease_id = ensured.lease_id
     if ensured.mode != "daemon" or lease_id is None:
         return
@@ -244,9 +258,24 @@ def load(
 def open_snapshot(ref: str, *, config: Config | None = None) -> Path:
     """Make ``ref`` local and return its snapshot directory (every file of the revision).
 
-    No lease is taken: the caller reads the files after this returns, for as
-    long as it likes, and an unreleased lease per call would pile up.
+    **Unprotected**: no lease is taken, so the revision may be evicted at any
+    time after this returns (a file already open stays readable). Use
+    :func:`snapshot` to keep it on disk for a block of code.
     """
     cfg = config if config is not None else load_config()
-    snapshot: Path = _ensure(ref, cfg, lease=False).snapshot
-    return snapshot
+    snap: Path = _ensure(ref, cfg, lease=False).snapshot
+    return snap
+
+
+@contextlib.contextmanager
+def snapshot(ref: str, *, config: Config | None = None) -> Iterator[Path]:
+    """``with weightcache.snapshot(ref) as path:`` the snapshot directory, kept on disk
+    until the block ends: a daemon lease bound to this process's connection (it
+    ends if the process dies), or in embedded mode this process's use of the
+    revision, which no eviction on the node takes."""
+    cfg = config if config is not None else load_config()
+    ensured = _ensure(ref, cfg, lease=True)
+    try:
+        yield ensured.snapshot
+    finally:
+        _release(ensured, cfg)

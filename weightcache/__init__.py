@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 from weightcache.errors import WeightcacheError
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
     from pathlib import Path
 
     import torch
 
     from weightcache.client.report import LoadReport
 
-__all__ = ["WeightcacheError", "load", "load_with_report", "open"]
+__all__ = ["WeightcacheError", "load", "load_with_report", "open", "snapshot"]
 __version__ = "0.1.0"
 
 
@@ -51,3 +52,12 @@ def open(ref: str, **kwargs: Any) -> Path:
 
     snapshot: Path = loader.open_snapshot(ref, **kwargs)
     return snapshot
+
+
+def snapshot(ref: str, **kwargs: Any) -> AbstractContextManager[Path]:
+    """``with weightcache.snapshot(ref) as path:`` the snapshot directory, kept from
+    eviction until the block ends (:func:`open` returns it unprotected)."""
+    from weightcache.client import loader
+
+    held: AbstractContextManager[Path] = loader.snapshot(ref, **kwargs)
+    return held

@@ -36,10 +36,16 @@ class Embedded:
     """One process's pulls into the node cache, without a daemon."""
 
     def __init__(
-        self, cfg: Config, *, clock: Clock | None = None, rng: random.Random | None = None
+        self,
+        cfg: Config,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        uses: RevisionUses | None = None,
     ) -> None:
         self.node = Node(cfg, clock=clock or RealClock(), rng=rng or random.Random())
-        self.uses = RevisionUses(self.node.store.locks)
+        #: may outlive this object: a use kept past ensure() is the caller's to release
+        self.uses = uses if uses is not None else RevisionUses(self.node.store.locks)
         self.budget = Budget(cfg, self.node.store, self.node.index, self.uses)
         self._evict_lock = asyncio.Lock()
 
@@ -49,8 +55,11 @@ class Embedded:
         on_progress: ProgressFn | None = None,
         *,
         priority: Priority = Priority.WORKER,
+        keep: bool = False,
     ) -> Ensured:
-        """Make ``text`` local and verified; return where its files are."""
+        """Make ``text`` local and verified; return where its files are. With ``keep``
+        the revision stays in use (protected from every eviction on the node) until
+        ``self.uses.release(revision)``."""
         node = self.node
         started = node.clock.monotonic()
         ref = node.parse(text)
@@ -61,6 +70,7 @@ class Embedded:
         # In use from before the hit check until the answer: no eviction, in this
         # process or another, can take it in between.
         await node.hop(self.uses.acquire, rev)
+        kept = False
         try:
             result = await node.lookup(res)
             if result is None:
@@ -71,14 +81,15 @@ class Embedded:
                 await enforce(self.budget, node.hop, Protection, self._evict_lock)
             elif on_progress:
                 on_progress(Progress(result.total_bytes, result.total_bytes))
+            kept = keep
         finally:
-            await node.hop(self.uses.release, rev)
+            if not kept:
+                await node.hop(self.uses.release, rev)
         result.resolve_seconds = resolved
         result.seconds = node.clock.monotonic() - started
         return result
 
     async def aclose(self) -> None:
-        self.uses.close()
         await self.node.aclose()
 
 
@@ -108,20 +119,51 @@ def run_blocking(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return box["value"]  # type: ignore[no-any-return]
 
 
+class _Use:
+    """This process's use of a revision, ended by :meth:`release` (or by its exit)."""
+
+    def __init__(self, uses: RevisionUses, rev: str) -> None:
+        self._uses: RevisionUses | None = uses
+        self._rev = rev
+
+    def release(self) -> None:
+        uses, self._uses = self._uses, None
+        if uses is not None:
+            uses.release(self._rev)
+            uses.close()
+
+
 def ensure_blocking(
-    text: str, cfg: Config | None = None, on_progress: ProgressFn | None = None
+    text: str,
+    cfg: Config | None = None,
+    on_progress: ProgressFn | None = None,
+    *,
+    hold: bool = False,
 ) -> Ensured:
-    """Embedded mode: pull ``text`` in this process against the configured cache."""
+    """Embedded mode: pull ``text`` in this process against the configured cache.
+
+    With ``hold`` the result keeps the revision in use until ``result.release()``:
+    the embedded counterpart of a daemon lease.
+    """
     config = cfg or load_config()
+    uses = RevisionUses(config.cache.dir / "locks")
 
     async def main() -> Ensured:
-        embedded = Embedded(config)
+        embedded = Embedded(config, uses=uses)
         try:
-            return await embedded.ensure(text, on_progress)
+            return await embedded.ensure(text, on_progress, keep=hold)
         finally:
             await embedded.aclose()
 
     started = time.monotonic()
-    result = run_blocking(main)
+    try:
+        result = run_blocking(main)
+    except BaseException:
+        uses.close()
+        raise
+    if hold:
+        result.hold = _Use(uses, result.revision)
+    else:
+        uses.close()
     log.debug("embedded.ensure seconds=%.3f pid=%d", time.monotonic() - started, os.getpid())
     return result

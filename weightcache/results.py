@@ -10,11 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from weightcache.errors import ResponseInvalid
 
 __all__ = ["Ensured", "LocalFile"]
+
+
+class Releasable(Protocol):
+    def release(self) -> None:
+        """End the protection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,15 @@ class Ensured:
     lease: dict[str, Any] | None = None
     #: the whole JSON document it was read from, for fields this class does not name
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: what keeps the files from eviction until released (a daemon lease bound to an
+    #: open connection, or this process's use of the revision); see :meth:`release`
+    hold: Releasable | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        """End the protection this result holds (idempotent)."""
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            hold.release()
 
     @property
     def lease_id(self) -> str | None:
@@ -74,7 +88,7 @@ class Ensured:
         doc: dict[str, Any] = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("files", "snapshot", "raw", "mode", "source", "lease")
+            if f.name not in ("files", "snapshot", "raw", "mode", "source", "lease", "hold")
         }
         doc["snapshot"] = str(self.snapshot)
         doc["files"] = [f.to_json() for f in self.files]

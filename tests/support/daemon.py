@@ -32,6 +32,9 @@ def call(
 
 
 class Daemon:
+    #: run the daemon under this command (e.g. ``unshare --pid --fork``)
+    prefix: tuple[str, ...] = ()
+
     def __init__(self, cache: Path, sock: Path, env: dict[str, str], *args: str) -> None:
         self.cache, self.sock, self.args = cache, sock, args
         self.env = {**env, "WEIGHTCACHE_CACHE_DIR": str(cache), "WEIGHTCACHE_SOCKET": str(sock)}
@@ -43,6 +46,7 @@ class Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "weightcache",

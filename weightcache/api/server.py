@@ -68,6 +68,9 @@ class Listeners:
             access_log=None,
             logger=_protocol_log,
             shutdown_timeout=HANDLER_GRACE_S,
+            # A worker holds its connection open while it holds a lease bound to it;
+            # an idle close here would end the lease early. The lease's TTL bounds it.
+            keepalive_timeout=self.cfg.daemon.lease_ttl_s,
         )
         self._runners.append(runner)
         await runner.setup()
