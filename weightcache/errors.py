@@ -209,10 +209,21 @@ class ResponseInvalid(WeightcacheError):
 
 
 class UnsupportedMediaType(WeightcacheError):
-    """A POST whose body is not declared ``application/json``."""
+    """A request to a route that reads a JSON body (every POST, and ``DELETE
+    /v1/models``) that does not declare ``Content-Type: application/json``, with or
+    without a body: what a browser may send cross-site without asking first."""
 
     code = "unsupported_media_type"
     http_status = 415
+
+
+class RequestTimeout(WeightcacheError):
+    """A request body that did not arrive in time after its headers (a client that
+    stalls or trickles it): the daemon answers and closes the connection."""
+
+    code = "request_timeout"
+    http_status = 408
+    retryable = True
 
 
 class RequestInvalid(WeightcacheError):
@@ -300,6 +311,7 @@ ALL_ERRORS: tuple[type[WeightcacheError], ...] = (
     DaemonUnavailable,
     ResponseInvalid,
     UnsupportedMediaType,
+    RequestTimeout,
     RequestInvalid,
     Unauthorized,
     NotFound,

@@ -48,6 +48,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from weightcache.api import app as api_app
 from weightcache.api.server import Listeners
 from weightcache.client.daemon import UnixHTTPConnection
 from weightcache.config import Config, load_config
@@ -59,6 +60,8 @@ from weightcache.service import Service
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hostile-token-6d2b1f"
 NDJSON = "application/x-ndjson"
+#: requests that must declare Content-Type: application/json, with a body or without
+JSON_METHODS = ("POST", "DELETE")
 #: a TCP port nothing listens on: an ``s3://`` ref fails fast with origin_unavailable
 CLOSED_ENDPOINT = "http://127.0.0.1:9"
 
@@ -206,9 +209,20 @@ class Served:
         tcp: bool = False,
         token: str | None = TOKEN,
         timeout: float = 30,
+        json_type: bool = True,
     ) -> Reply:
-        """One request on a fresh connection (over TCP with the token unless told otherwise)."""
+        """One request on a fresh connection (over TCP with the token unless told otherwise).
+
+        A POST or DELETE declares ``application/json`` unless ``headers`` name a
+        Content-Type or ``json_type`` is false (then it declares none).
+        """
         headers = dict(headers or {})
+        if (
+            json_type
+            and method in JSON_METHODS
+            and not any(name.lower() == "content-type" for name in headers)
+        ):
+            headers["Content-Type"] = "application/json"
         conn: http.client.HTTPConnection
         if tcp:
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -227,9 +241,7 @@ class Served:
             conn.close()
 
     def post(self, path: str, doc: Any, **kwargs: Any) -> Reply:
-        return self.call(
-            "POST", path, json.dumps(doc).encode(), {"Content-Type": "application/json"}, **kwargs
-        )
+        return self.call("POST", path, json.dumps(doc).encode(), **kwargs)
 
     def raw(self, data: bytes, *, tcp: bool = True, timeout: float = 5.0) -> bytes:
         """Send bytes as they are; read what comes back until the server closes (or a pause)."""
@@ -885,9 +897,13 @@ def test_odd_headers_change_nothing_but_what_they_mean(
         elif reply.status == 206:
             assert reply.body and reply.body in data
     elif route == "ensure":
-        # The body decides; a text/plain or form content type does not change it (see
-        # docs/reliability.md: the daemon reads every body as JSON).
-        assert reply.status in (200, 415), reply.body
+        # A declared Content-Type other than JSON is refused before the body is read;
+        # without one, Served.call declares JSON.
+        declared = [v for k, v in headers.items() if k.lower() == "content-type"]
+        if not declared or declares_json(declared[0]):
+            assert reply.status == 200, reply.body
+        else:
+            error_of(reply, {415}, {"unsupported_media_type"})
     else:
         assert reply.status in (200,), (reply.status, reply.body[:300])
     hostile.alive()
@@ -896,6 +912,11 @@ def test_odd_headers_change_nothing_but_what_they_mean(
 def _accepts(header: str) -> bool:
     scheme, _, given_token = header.partition(" ")
     return scheme.lower() == "bearer" and given_token.strip() == TOKEN
+
+
+def declares_json(content_type: str) -> bool:
+    """The documented rule: ``application/json`` in any case, parameters allowed."""
+    return content_type.partition(";")[0].strip(" \t").lower() == "application/json"
 
 
 @collect_before_report
@@ -991,13 +1012,16 @@ def test_bodies_over_the_limit_are_413_at_any_size(hostile: Hostile) -> None:
     # Declared huge but never sent: refused by the header alone, nothing is read.
     out = hostile.served.raw(
         b"POST /v1/ensure HTTP/1.1\r\nHost: d\r\nContent-Length: 99999999999\r\n"
-        b"Connection: close\r\n\r\n{",
+        b"Content-Type: application/json\r\nConnection: close\r\n\r\n{",
         tcp=False,
     )
     assert out.startswith(b"HTTP/1.1 413"), out[:200]
 
     def chunked(n_chunks: int) -> bytes:
-        head = b"POST /v1/ensure HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\n\r\n"
+        head = (
+            b"POST /v1/ensure HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\n\r\n"
+        )
         piece = b"x" * 4096
         return head + (b"1000\r\n" + piece + b"\r\n") * n_chunks + b"0\r\n\r\n"
 
@@ -1053,28 +1077,121 @@ def test_lone_surrogates_in_a_ref_are_ref_invalid(hostile: Hostile, ref_json: st
         None,
         "application/json",
         "application/json; charset=latin-1",
+        "Application/JSON;charset=UTF-8",
         "text/plain",
+        "text/plain;charset=UTF-8",
         "application/x-www-form-urlencoded",
         "multipart/form-data; boundary=x",
         "application/octet-stream",
+        "application/json-seq",
+        "application/vnd.api+json",
+        "text/json",
         "garbage/\x01",
         "",
     ],
 )
-def test_content_types_do_not_change_how_a_body_is_judged(
-    hostile: Hostile, content_type: str | None
-) -> None:
+def test_only_bodies_declared_as_json_are_read(hostile: Hostile, content_type: str | None) -> None:
     hostile.begin()
     headers = {} if content_type is None else {"Content-Type": content_type.replace("\x01", "")}
     good = json.dumps({"ref": hostile.model.ref, "lease": False}).encode()
-    reply = hostile.served.call("POST", "/v1/ensure", good, headers)
-    # 200 today (every body is read as JSON); a 415 for non-JSON types would be as good.
-    assert reply.status in (200, 415), reply.body
     form = urllib.parse.urlencode({"ref": hostile.model.ref}).encode()
-    err = error_of(
-        hostile.served.call("POST", "/v1/ensure", form, headers), {400, 415}, {"request_invalid"}
-    )
-    assert err["details"]["field"] == "body"
+    for tcp in (False, True):
+        reply = hostile.served.call("POST", "/v1/ensure", good, headers, json_type=False, tcp=tcp)
+        if content_type is not None and declares_json(content_type):
+            assert reply.status == 200, reply.body
+            err = error_of(
+                hostile.served.call("POST", "/v1/ensure", form, headers, tcp=tcp),
+                {400},
+                {"request_invalid"},
+            )
+            assert err["details"]["field"] == "body"
+            continue
+        # Refused on the header alone, on every route that reads a body, with one or
+        # without: what a browser can send cross-site without a preflight gets nowhere.
+        err = error_of(reply, {415}, {"unsupported_media_type"})
+        assert err["details"]["content_types"] == list(headers.values())
+        for method, path in BODY_ROUTES:
+            for body in (good, form, None):
+                reply = hostile.served.call(method, path, body, headers, json_type=False, tcp=tcp)
+                error_of(reply, {415}, {"unsupported_media_type"})
+    hostile.alive()
+
+
+@collect_before_report
+def test_two_content_types_are_refused_even_if_one_is_json(hostile: Hostile) -> None:
+    hostile.begin()
+    body = json.dumps({"ref": hostile.model.ref, "lease": False}).encode()
+    for second in (b"text/plain", b"application/json"):
+        out = hostile.served.raw(
+            b"POST /v1/ensure HTTP/1.1\r\nHost: d\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Type: " + second + b"\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+            tcp=False,
+        )
+        # aiohttp's parser refuses the duplicate (a plain 400); the app would say 415.
+        assert re.match(rb"HTTP/1\.[01] (400|415) ", out), out[:300]
+    hostile.alive()
+
+
+def _slow_body(
+    served: Served, body: bytes, *, chunked: bool, trickle: bool, tcp: bool
+) -> tuple[bytes, float]:
+    """Headers, then a body a byte at a time (``trickle``) or one byte and nothing more:
+    (what came back before the server closed or answered, seconds until then)."""
+    head = b"POST /v1/ensure HTTP/1.1\r\nHost: d\r\nContent-Type: application/json\r\n"
+    if tcp:
+        head += b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+    if chunked:
+        head += b"Transfer-Encoding: chunked\r\n\r\n"
+        pieces = [b"1\r\n" + body[i : i + 1] + b"\r\n" for i in range(len(body))]
+    else:
+        head += b"Content-Length: %d\r\n\r\n" % len(body)
+        pieces = [body[i : i + 1] for i in range(len(body))]
+    family = socket.AF_INET if tcp else socket.AF_UNIX
+    address: Any = ("127.0.0.1", served.port) if tcp else os.fspath(served.sock_path)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.connect(address)
+        sock.settimeout(0.05)
+        started = time.monotonic()
+        sock.sendall(head + pieces.pop(0))
+        out = b""
+        # Bounded by the daemon, not by this loop: 10 s is far beyond its limit.
+        while time.monotonic() - started < 10 and not _complete(out):
+            try:
+                piece = sock.recv(65536)
+            except TimeoutError:
+                if trickle and pieces:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(pieces.pop(0))
+                continue
+            except OSError:
+                break
+            if not piece:
+                break
+            out += piece
+        return out, time.monotonic() - started
+
+
+@collect_before_report
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickled"])
+def test_a_body_that_stalls_or_trickles_gets_408_in_bounded_time(
+    hostile: Hostile, monkeypatch: pytest.MonkeyPatch, tcp: bool, chunked: bool, trickle: bool
+) -> None:
+    hostile.begin()
+    limit_s = 0.5
+    monkeypatch.setattr(api_app, "BODY_TIMEOUT_S", limit_s)
+    body = json.dumps({"ref": hostile.model.ref, "lease": False}).encode()
+    # At one byte per 50 ms the whole body would take seconds: longer than the limit.
+    assert len(body) * 0.05 > 4 * limit_s
+    out, seconds = _slow_body(hostile.served, body, chunked=chunked, trickle=trickle, tcp=tcp)
+    assert out.startswith(b"HTTP/1.1 408"), out[:300]
+    assert limit_s <= seconds < limit_s + 2.0, seconds
+    head, _, raw = out.partition(b"\r\n\r\n")
+    assert re.search(rb"(?im)^connection: close\r?$", head), head
+    err = json.loads(raw)["error"]
+    assert err["code"] == "request_timeout" and err["details"]["timeout_s"] == limit_s
     hostile.alive()
 
 
@@ -1205,6 +1322,7 @@ def test_malformed_http_against_the_real_daemon(tmp_path: Path) -> None:
         ensure = json.dumps({"ref": ref, "lease": False}).encode()
         request = (
             b"POST /v1/ensure HTTP/1.1\r\nHost: d\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(ensure), ensure)
         )
         deadline = time.monotonic() + 60

@@ -9,6 +9,11 @@
   daemon's log at ``-vv``, the client's log, an error body, ``/v1/status`` or
   ``/metrics``, through successful and failing pulls alike.
 * Limits: bodies and headers beyond the limit are refused; leases per client are bounded.
+* Cross-site requests: a page in a browser on the node cannot make the daemon act,
+  even on loopback without a token: every POST and DELETE must declare
+  ``application/json``, which a browser only sends after a CORS preflight the daemon
+  never grants; what it sends without one (text, forms, multipart, no type) is a 415
+  before anything happens.
 
 docs/reliability.md ("Security") lists each property with the test that proves it.
 """
@@ -393,6 +398,8 @@ class Daemon:
         else:
             conn = UnixHTTPConnection(self.sock, timeout=120, read_timeout=120)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if method in ("POST", "DELETE"):
+            headers["Content-Type"] = "application/json"
         body = json.dumps(doc).encode() if doc is not None else None
         try:
             conn.request(method, path, body=body, headers=headers)
@@ -620,6 +627,80 @@ def test_a_malformed_authorization_line_keeps_the_token_out_of_the_log(
         assert out.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), out[:200]
     logged = "\n".join(served.records.lines[before:])
     assert TOKEN not in logged, logged[-2000:]
+
+
+# -- cross-site requests ------------------------------------------------------------------
+
+#: what a page can make a browser send without a CORS preflight ("simple requests"):
+#: these three types, or no body type at all (a bodiless POST, a Blob without a type)
+SIMPLE_CONTENT_TYPES = [
+    "text/plain;charset=UTF-8",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW",
+    None,
+]
+
+
+@collect_before_report
+@pytest.mark.parametrize("content_type", SIMPLE_CONTENT_TYPES)
+def test_cross_site_simple_requests_on_loopback_are_refused_and_change_nothing(
+    tmp_path: Path, content_type: str | None
+) -> None:
+    refs = [make_model(tmp_path, f"m{i}", 10_000, 40 + i) for i in range(2)]
+    # No token: loopback TCP is open to every local process, a browser included.
+    with Served(tmp_path, {}) as served:
+        leased = served.post("/v1/ensure", {"ref": refs[0]}, tcp=True)
+        assert leased.status == 200, leased.body
+        lease_id = leased.json()["lease"]["id"]
+        before = _state(served)
+        headers = {"Origin": "https://evil.example", "Referer": "https://evil.example/"}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        harmful = [
+            ("/v1/ensure", {"ref": refs[1]}),  # a pull of a model nobody asked for
+            ("/v1/ensure", {"ref": refs[0], "stream": True}),
+            ("/v1/prefetch", {"ref": refs[1], "at": 0}),  # a job
+            (f"/v1/leases/{lease_id}/release", None),  # someone else's lease
+        ]
+        for tcp in (True, False):
+            for path, doc in harmful:
+                if content_type is not None and content_type.startswith("multipart/"):
+                    body = (
+                        b"------WebKitFormBoundary7MA4YWxkTrZu0gW\r\n"
+                        b'Content-Disposition: form-data; name="x"\r\n\r\n'
+                        + json.dumps(doc).encode()
+                        + b"\r\n------WebKitFormBoundary7MA4YWxkTrZu0gW--\r\n"
+                    )
+                else:
+                    body = json.dumps(doc).encode() if doc is not None else None
+                reply = served.call("POST", path, body, headers, tcp=tcp, json_type=False)
+                assert reply.status == 415, (path, reply.status, reply.body[:300])
+                err = reply.json()["error"]
+                assert err["code"] == "unsupported_media_type"
+                assert "application/json" in err["hint"]
+                # Nothing in the answer says CORS may read it.
+                assert not any(h.lower().startswith("access-control-") for h in reply.headers)
+        # No pull, no job, no request counted, the lease still held, nothing new on disk.
+        assert _state(served) == before
+        status = served.call("GET", "/v1/status").json()
+        assert status["leases"] == 1 and not status["pulls"]
+        assert [m["revision"] for m in status["models"]] == [leased.json()["revision"]]
+        # The preflight a browser sends before anything else is refused as well.
+        preflight = served.call(
+            "OPTIONS",
+            "/v1/ensure",
+            headers={
+                "Origin": "https://evil.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+            tcp=True,
+        )
+        assert preflight.status == 405, preflight.status
+        assert "Access-Control-Allow-Origin" not in preflight.headers
+        # The same requests declared as JSON are served: the type was the only fault.
+        released = served.call("POST", f"/v1/leases/{lease_id}/release", tcp=True)
+        assert released.status == 200, released.body
 
 
 # -- limits -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from weightcache.api import bodies, make_app, metrics
 from weightcache.config import Config, load_config
-from weightcache.errors import Overloaded, RequestInvalid
+from weightcache.errors import Overloaded, RequestInvalid, UnsupportedMediaType
 from weightcache.hashing import digest_bytes
 from weightcache.publish import publish
 from weightcache.refs import parse_ref
@@ -68,7 +68,12 @@ class Api:
     ref: str
     root: Path
 
-    async def json(self, method: str, path: str, status: int, **kwargs: Any) -> Any:
+    async def json(
+        self, method: str, path: str, status: int, *, json_type: bool = True, **kwargs: Any
+    ) -> Any:
+        """The answer's JSON; a POST or DELETE declares application/json unless told not to."""
+        if json_type and method in ("POST", "DELETE"):
+            kwargs["headers"] = {"Content-Type": "application/json", **kwargs.get("headers", {})}
         resp = await self.client.request(method, path, **kwargs)
         body = await resp.text()
         assert resp.status == status, body
@@ -474,6 +479,100 @@ async def test_body_over_the_limit_is_413(api: Api) -> None:
         yield b'"}'
 
     await api.error("POST", "/v1/ensure", 413, "payload_too_large", data=chunks())
+
+
+BODY_ROUTES = [
+    ("POST", "/v1/ensure"),
+    ("POST", "/v1/prefetch"),
+    ("POST", "/v1/leases/x/release"),
+    ("DELETE", "/v1/models"),
+]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded"],
+)
+async def test_posts_and_deletes_must_declare_json_and_change_nothing_otherwise(
+    api: Api, content_type: str | None
+) -> None:
+    doc = await api.json("POST", "/v1/ensure", 200, json={"ref": api.ref})
+    lease_id = doc["lease"]["id"]
+    before = (dict(api.service.counters), len(api.service.jobs()))
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    # aiohttp's client would add application/octet-stream to a bytes body itself.
+    skip = [] if content_type is not None else ["Content-Type"]
+    for method, path in [*BODY_ROUTES, ("POST", f"/v1/leases/{lease_id}/release")]:
+        for body in (json.dumps({"ref": api.ref}).encode(), None):
+            err = await api.error(
+                method,
+                path,
+                415,
+                "unsupported_media_type",
+                json_type=False,
+                data=body,
+                headers=headers,
+                skip_auto_headers=skip,
+            )
+            assert err["details"]["content_types"] == ([content_type] if content_type else [])
+            assert "application/json" in err["hint"]
+    # Refused before any handler ran: no pull, no job, the lease still there.
+    assert (dict(api.service.counters), len(api.service.jobs())) == before
+    assert (await api.json("GET", "/v1/status", 200))["leases"] == 1
+    # An empty body declared as JSON is what release takes.
+    await api.json("POST", f"/v1/leases/{lease_id}/release", 200)
+
+
+async def test_the_media_type_check_comes_after_routing_and_auth(tmp_path: Path) -> None:
+    async with serving(tmp_path, tcp=True, WEIGHTCACHE_TOKEN=TOKEN) as api:
+        plain = {"Content-Type": "text/plain"}
+        await api.error("POST", "/v1/ensure", 401, "unauthorized", json_type=False, headers=plain)
+        authed = {"Authorization": f"Bearer {TOKEN}", **plain}
+        for method, path, status, code in (
+            ("POST", "/v1/nope", 404, "not_found"),
+            ("POST", "/v1/status", 405, "method_not_allowed"),
+            ("DELETE", "/v1/jobs/x", 405, "method_not_allowed"),
+            ("POST", "/v1/ensure", 415, "unsupported_media_type"),
+        ):
+            await api.error(method, path, status, code, json_type=False, headers=authed)
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        # GET routes take no body and need no Content-Type.
+        await api.json("GET", "/v1/status", 200, headers=good)
+
+
+def test_require_json_accepts_only_application_json() -> None:
+    for ok in (
+        ["application/json"],
+        ["Application/JSON"],
+        ["application/json; charset=utf-8"],
+        ["application/json;charset=latin-1"],
+        ["application/json;"],
+        ["application/json\t; x=1"],
+        [" application/json "],
+    ):
+        bodies.require_json(ok, method="POST", path="/v1/ensure")
+    for bad in (
+        [],
+        [""],
+        ["text/plain"],
+        ["text/plain; application/json"],
+        ["application/x-www-form-urlencoded"],
+        ["multipart/form-data; boundary=x"],
+        ["application/jsonx"],
+        ["application/json-seq"],
+        ["application/vnd.api+json"],
+        ["application/json, text/plain"],
+        ["application/json x"],
+        ['"application/json"'],
+        ["text/json"],
+        ["application/json", "application/json"],  # twice: which one would count?
+        ["application/json", "text/plain"],
+    ):
+        with pytest.raises(UnsupportedMediaType) as info:
+            bodies.require_json(bad, method="POST", path="/v1/ensure")
+        assert info.value.http_status == 415
+        assert info.value.facts["content_types"] == bad
+        assert "POST /v1/ensure" in info.value.message
 
 
 async def test_unknown_route_wrong_method_missing_job(api: Api) -> None:

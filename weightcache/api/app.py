@@ -3,7 +3,10 @@
 One application per listener: the Unix socket for local workers (its file mode
 is the access control, and the peer's pid comes from ``SO_PEERCRED``) and,
 optionally, TCP for admins, peers and Prometheus, where a configured bearer
-token guards every ``/v1/*`` route.
+token guards every ``/v1/*`` route. Every POST and DELETE must declare
+``Content-Type: application/json`` (:func:`_json_only`), so that a browser on
+the node cannot post to the daemon cross-site, and a request body must arrive
+within :data:`BODY_TIMEOUT_S`.
 
 Every error leaves through :func:`_errors`, the one place that turns an
 exception into ``{"error": {"code", "message", "hint"?, "details"?,
@@ -30,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from weightcache.api import bodies, metrics, openapi
@@ -40,6 +43,7 @@ from weightcache.errors import (
     Overloaded,
     PayloadTooLarge,
     RequestInvalid,
+    RequestTimeout,
     ShuttingDown,
     Unauthorized,
     WeightcacheError,
@@ -69,6 +73,13 @@ PROGRESS_KEEPALIVE_S = 5.0
 #: before this long; after it, the 200 stream starts even without progress
 STREAM_HEADERS_AFTER_S = 1.0
 
+#: the whole request body must have arrived this long after the handler asks for it:
+#: a client that stalls or trickles its body gets 408, and the handler and its
+#: connection are freed (bodies are at most daemon.max_body_bytes, 64 KiB by default)
+BODY_TIMEOUT_S = 10.0
+#: methods whose routes read a JSON body: requests with them must declare one
+JSON_METHODS = frozenset({"POST", "DELETE"})
+
 #: routes a TCP listener serves without a token: probes and scrapers carry none
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/v1/openapi.json"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -79,6 +90,8 @@ def make_app(service: Service, cfg: Config, *, tcp: bool) -> web.Application:
     middlewares: list[Middleware] = [_errors]
     if tcp and cfg.daemon.token:
         middlewares.append(_bearer(cfg.daemon.token))
+    # After auth: a request without the token learns nothing about the route.
+    middlewares.append(_json_only)
     app = web.Application(middlewares=middlewares, client_max_size=cfg.daemon.max_body_bytes)
     app[SERVICE] = service
     app[CONFIG] = cfg
@@ -160,6 +173,19 @@ def _bearer(token: str) -> Middleware:
     return bearer
 
 
+@web.middleware
+async def _json_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # Routed requests only: an unknown path stays a 404 and a wrong method a 405.
+    # Checked before the handler runs, so a refused request has no effect at all.
+    if request.method in JSON_METHODS and request.match_info.http_exception is None:
+        bodies.require_json(
+            request.headers.getall(hdrs.CONTENT_TYPE, []),
+            method=request.method,
+            path=request.path,
+        )
+    return await handler(request)
+
+
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
     # A signal rather than the middleware, so that streamed and file responses,
     # whose headers leave before the handler returns, carry the id as well.
@@ -188,6 +214,9 @@ def error_response(exc: WeightcacheError, request: web.Request) -> web.Response:
         resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     if isinstance(exc, Unauthorized):
         resp.headers["WWW-Authenticate"] = 'Bearer realm="weightcache"'
+    if isinstance(exc, RequestTimeout):
+        # The rest of the body is not waited for on this connection.
+        resp.force_close()
     return resp
 
 
@@ -234,7 +263,16 @@ async def _body(request: web.Request, *, allow_empty: bool = False) -> dict[str,
     if request.content_length is not None and request.content_length > request.client_max_size:
         raise _too_large(request)
     try:
-        raw = await request.read()
+        # One bound for the whole body, not per read: a byte now and then must
+        # not keep a handler (and its connection) forever.
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+            hint="send the whole body right after the headers",
+            timeout_s=BODY_TIMEOUT_S,
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
     except web.RequestPayloadError as exc:
@@ -272,7 +310,12 @@ async def ensure(request: web.Request) -> web.StreamResponse:
         return await _ensure_stream(request, service, body, pid)
     try:
         result = await service.ensure(
-            body.ref, priority=body.priority, pid=pid, lease=body.lease, client=_client(request)
+            body.ref,
+            priority=body.priority,
+            pid=pid,
+            lease=body.lease,
+            client=_client(request),
+            connection=_connection(request) if body.bind else None,
         )
     except asyncio.CancelledError:
         current = asyncio.current_task()
@@ -315,6 +358,7 @@ async def _ensure_stream(
             lease=body.lease,
             on_progress=on_progress,
             client=_client(request),
+            connection=_connection(request) if body.bind else None,
         ),
         name=f"weightcache-ensure-{request_id(request)}",
     )
@@ -426,6 +470,17 @@ class _Lines:
 def _gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
+
+
+def _connection(request: web.Request) -> Callable[[], bool]:
+    """A probe that says whether the request's connection is still open: the kernel
+    closes it when the client dies, whichever pid namespace the client lives in."""
+    transport = request.transport
+
+    def open_() -> bool:
+        return transport is not None and not transport.is_closing()
+
+    return open_
 
 
 async def _drop_lease(service: Service, result: EnsureResult) -> None:

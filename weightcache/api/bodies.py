@@ -1,21 +1,22 @@
 """Request bodies: JSON in, validated values out.
 
-Pure functions over the decoded document, so every rule (types, unknown
-fields, time formats) is tested without a server. Each problem raises
-:class:`RequestInvalid` naming the field, which the error middleware turns
-into a 400.
+Pure functions over the declared media type and the decoded document, so every
+rule (the media type, types, unknown fields, time formats) is tested without a
+server. A wrong media type raises :class:`UnsupportedMediaType` (415); each
+problem with the document raises :class:`RequestInvalid` naming the field,
+which the error middleware turns into a 400.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from weightcache.errors import RequestInvalid
+from weightcache.errors import RequestInvalid, UnsupportedMediaType
 from weightcache.scheduler import Priority
 
 
@@ -25,6 +26,8 @@ class EnsureBody:
     stream: bool = False
     lease: bool = True
     priority: Priority = Priority.WORKER
+    #: the lease also ends when the connection that asked for it closes
+    bind: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,36 @@ class PrefetchBody:
 class EvictBody:
     ref: str
     force: bool = False
+
+
+#: the one media type a request body may be declared as; parameters (charset) may follow
+JSON_MEDIA_TYPE = "application/json"
+
+
+def require_json(content_types: Sequence[str], *, method: str, path: str) -> None:
+    """Refuse a request that does not declare exactly one ``Content-Type: application/json``.
+
+    The declared type decides, not the bytes, and it is required even without a
+    body: a browser sends ``text/plain``, form and multipart bodies (and bodiless
+    POSTs) cross-site without asking first (a CORS "simple request"), while
+    ``application/json`` makes it ask (a preflight), which this daemon never grants.
+    So a page open on the node cannot make the daemon pull, prefetch or release.
+    """
+    given = content_types[0] if len(content_types) == 1 else None
+    essence = given.partition(";")[0].strip(" \t").lower() if given is not None else ""
+    if essence == JSON_MEDIA_TYPE:
+        return
+    if not content_types:
+        said = "no Content-Type"
+    elif given is None:
+        said = f"{len(content_types)} Content-Type headers"
+    else:
+        said = f"Content-Type {given[:100]!r}"
+    raise UnsupportedMediaType(
+        f"{method} {path[:200]} takes {JSON_MEDIA_TYPE} (with or without a body); got {said}",
+        hint=f"send Content-Type: {JSON_MEDIA_TYPE} (curl: -H 'Content-Type: {JSON_MEDIA_TYPE}')",
+        content_types=[value[:100] for value in content_types],
+    )
 
 
 def decode(raw: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
@@ -69,12 +102,13 @@ def decode(raw: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
 
 
 def parse_ensure(doc: Mapping[str, Any]) -> EnsureBody:
-    _only(doc, ("ref", "stream", "lease", "priority"))
+    _only(doc, ("ref", "stream", "lease", "priority", "bind"))
     return EnsureBody(
         ref=_ref(doc),
         stream=_bool(doc, "stream", False),
         lease=_bool(doc, "lease", True),
         priority=_priority(doc, Priority.WORKER),
+        bind=_bool(doc, "bind", False),
     )
 
 

@@ -275,6 +275,7 @@ SCHEMAS: dict[str, Any] = {
         },
         ["ref", "revision", "freed_bytes"],
     ),
+    "Empty": _obj({}, additionalProperties=False, description="no fields: `{}`"),
     "Released": _obj({"released": _STR}, ["released"]),
     "Health": _obj(
         {"live": _BOOL, "ready": _BOOL, "node": _STR, "version": _STR, "closing": _BOOL},
@@ -293,8 +294,12 @@ _ERROR_RESPONSES = {
     "E401": "no or wrong bearer token over TCP (`unauthorized`)",
     "E404": "no such route, job, lease, model or blob",
     "E405": "method not allowed on this route (`method_not_allowed`)",
+    "E408": "the request body did not arrive within 10 s of the headers (`request_timeout`); "
+    "the connection is closed",
     "E409": "refused while leased or pulled (`model_leased`), or an ambiguous revision",
     "E413": "request body larger than `daemon.max_body_bytes` (`payload_too_large`)",
+    "E415": "no `Content-Type: application/json` (`unsupported_media_type`): every POST and "
+    "DELETE needs it, with or without a body",
     "E422": "the manifest at the origin is malformed or unsafe (`manifest_invalid`)",
     "E429": "too many leases held by one client (`too_many_leases`)",
     "E500": "internal error; the traceback is in the daemon's log under the request id",
@@ -326,7 +331,7 @@ def _paths() -> dict[str, Any]:
                             "application/x-ndjson": {"schema": _ref("EnsureEvent")},
                         },
                     },
-                    **_errors(400, 401, 404, 409, 413, 422, 429, 500, 502, 503, 507),
+                    **_errors(400, 401, 404, 408, 409, 413, 415, 422, 429, 500, 502, 503, 507),
                 },
             }
         },
@@ -341,7 +346,7 @@ def _paths() -> dict[str, Any]:
                         **_json(_ref("PrefetchAccepted"), "the job, new or existing"),
                         "headers": {"Location": {"schema": _STR}},
                     },
-                    **_errors(400, 401, 413, 500, 503),
+                    **_errors(400, 401, 408, 413, 415, 500, 503),
                 },
             }
         },
@@ -378,7 +383,7 @@ def _paths() -> dict[str, Any]:
                 "requestBody": _body("EvictRequest"),
                 "responses": {
                     "200": _json(_ref("Evicted"), "what was removed"),
-                    **_errors(400, 401, 404, 409, 413, 500),
+                    **_errors(400, 401, 404, 408, 409, 413, 415, 500),
                 },
             }
         },
@@ -387,10 +392,13 @@ def _paths() -> dict[str, Any]:
                 **_V1,
                 "operationId": "releaseLease",
                 "summary": "End a lease before it expires",
+                "description": "The body is empty or `{}`; the Content-Type is "
+                "`application/json` either way.",
                 "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR}],
+                "requestBody": {**_body("Empty"), "required": False},
                 "responses": {
                     "200": _json(_ref("Released"), "the lease ended"),
-                    **_errors(400, 401, 404, 413, 500),
+                    **_errors(400, 401, 404, 408, 413, 415, 500),
                 },
             }
         },
@@ -477,8 +485,9 @@ _DOCUMENT: dict[str, Any] = {
         "version": __version__,
         "description": "Node-local, verified model-weight cache. Local workers use the Unix "
         "socket (no token); over TCP every /v1 route except this document needs "
-        "`Authorization: Bearer <token>` when the daemon has a token. Every response carries "
-        "X-Request-Id; every error has the Error shape.",
+        "`Authorization: Bearer <token>` when the daemon has a token. Every POST and DELETE "
+        "must carry `Content-Type: application/json`, with or without a body. Every response "
+        "carries X-Request-Id; every error has the Error shape.",
     },
     "paths": _paths(),
     "components": {
