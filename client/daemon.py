@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from weightcache import __version__
-from weightcache.errors import DaemonUnavailable, Overloaded, WeightcacheError, from_dict
+from weightcache.errors import (
+    DaemonUnavailable,
+    Overloaded,
+    ResponseInvalid,
+    WeightcacheError,
+    from_dict,
+)
 from weightcache.results import Ensured, LocalFile
 
 if TYPE_CHECKING:
@@ -316,7 +322,7 @@ class DaemonClient:
         body = doc.get("error") if isinstance(doc, dict) else None
         if not isinstance(body, dict):
             text = raw[:200].decode("utf-8", "replace").strip()
-            raise WeightcacheError(
+            raise ResponseInvalid(
                 f"daemon at {self.address} answered {status} {resp.reason} to {method} {path}"
                 + (f": {text}" if text else ""),
                 status=status,
@@ -355,7 +361,7 @@ class DaemonClient:
         except ValueError:
             out = None
         if not isinstance(out, dict):
-            raise WeightcacheError(
+            raise ResponseInvalid(
                 f"daemon at {self.address} answered {method} {path} with something other "
                 f"than a JSON object: {raw[:200].decode('utf-8', 'replace')!r}",
                 hint="check that the daemon and the client are the same weightcache version",
@@ -439,7 +445,7 @@ class DaemonClient:
                 elif kind == "result":
                     result = event.get("result")
                     if not isinstance(result, dict):
-                        raise WeightcacheError(
+                        raise ResponseInvalid(
                             f"daemon at {self.address} sent a result event without a result"
                         )
                     return result
@@ -473,7 +479,7 @@ class DaemonClient:
             try:
                 event = json.loads(line)
             except ValueError as exc:
-                raise WeightcacheError(
+                raise ResponseInvalid(
                     f"daemon at {self.address} sent a line that is not JSON in the "
                     f"progress stream: {line[:200].decode('utf-8', 'replace')!r}"
                 ) from exc

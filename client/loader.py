@@ -29,6 +29,8 @@ from weightcache.client.report import LoadReport
 from weightcache.client.selection import Selector, check_all_found, make_selector
 from weightcache.config import Config, load_config
 from weightcache.errors import (
+    CacheCorrupt,
+    CacheIOError,
     DaemonUnavailable,
     DeviceUnavailable,
     HeaderInvalid,
@@ -200,7 +202,10 @@ def _read(
     for f in ensured.files:
         if not f.path.endswith(SAFETENSORS_SUFFIX):
             continue
-        tensors_of_file, nbytes, names = read_file(f.local_path, select=selector)
+        try:
+            tensors_of_file, nbytes, names = read_file(f.local_path, select=selector)
+        except OSError as exc:
+            raise _read_error(exc, f.path, f.local_path, ensured) from exc
         for name in names:
             if name in seen:
                 raise HeaderInvalid(
@@ -253,6 +258,25 @@ def load(
     """
     out, _ = load_with_report(ref, device, dtype=dtype, tensors=tensors, config=config)
     return out
+
+
+def _read_error(exc: OSError, path: str, local: Path, ensured: Ensured) -> WeightcacheError:
+    """A cached file that cannot be read, as the cache's error rather than an OSError."""
+    if isinstance(exc, FileNotFoundError):
+        return CacheCorrupt(
+            f"{path} of revision {ensured.revision[:16]} is missing from the cache "
+            f"({local}): the snapshot lost a file after it was made local",
+            hint="run `weightcache verify --repair`, then load again; if the cache is "
+            "mounted at another path in this container than in the daemon's, fix the mount",
+            path=str(local),
+            revision=ensured.revision,
+        )
+    return CacheIOError(
+        f"cannot read {path} from the cache ({local}): {exc.strerror or exc}",
+        hint="check the cache's disk, mount and permissions for this worker's user",
+        path=str(local),
+        errno=exc.errno,
+    )
 
 
 def open_snapshot(ref: str, *, config: Config | None = None) -> Path:

@@ -87,7 +87,7 @@ def test_a_killed_worker_outside_the_pid_namespace_leaves_no_lease(tmp_path: Pat
             line = worker.stdout.readline().split()
             assert line[0] == "HELD", line
             assert line[2] == "None"  # the daemon cannot see this pid: no pid check helps
-            status, body = call(daemon.sock, "GET", "/v1/status")
+            _, body = call(daemon.sock, "GET", "/v1/status")
             assert body["leases"] == 1
         finally:
             worker.send_signal(signal.SIGKILL)
