@@ -39,6 +39,7 @@ def read(name: str) -> str:
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[Service]:
     svc = Service(load_config(env={"WEIGHTCACHE_CACHE_DIR": str(tmp_path / "cache")}))
+    await svc.start()
     try:
         yield svc
     finally:
