@@ -2,13 +2,15 @@
 
     .venv/bin/python loadtest/crash_loop.py                       # 20 models, 20 kills
     .venv/bin/python loadtest/crash_loop.py --models 40 --kills 60 --seed 7 --report
+    .venv/bin/python -m loadtest.crash_loop --help                # the same, as a module
 
 Against the real daemon (``python -m weightcache daemon``, a subprocess) and a
-real local SeaweedFS (:class:`weightcache.seaweed.SeaweedServer`):
+real local SeaweedFS (:class:`weightcache.demo.seaweed.SeaweedServer`):
 
-* ``--models`` different multi-shard safetensors models (random bytes, so no
-  two share a blob except one identical ``tokenizer.json``) are published under
-  their own prefixes, with small manifest chunks so a pull is many ranged GETs;
+* ``--models`` different multi-shard fp16 safetensors models
+  (:func:`weightcache.demo.synthetic.make_model`, a seed each, so no two share
+  a blob except the identical tokenizer files) are published under their own
+  prefixes, with small manifest chunks so a pull is many ranged GETs;
 * the daemon is throttled (``WEIGHTCACHE_FETCH_MAX_BYTES_PER_S``) so pulls take
   seconds; the driver keeps ``--window`` models requested at a time, half of
   them as prefetch jobs (``POST /v1/prefetch``, posted once, never again) and
@@ -25,12 +27,13 @@ hashing to what was published, a further ensure a cache hit), every prefetch
 job done though it was posted only once (the daemon resumed it after each kill
 by itself), ``weightcache verify`` clean, no ``.part`` file left, and the
 origin must have sent at most 1.3x the bytes of the models.
-``tests/faults/test_crash_loop.py`` runs a small version of :func:`run`.
+``tests/faults/test_crash_loop.py`` runs a small version of it as a program.
 
-It prints a table of the kills and a summary, and with ``--report`` writes the
-numbers, the command and the machine into ``docs/reliability.md`` between
+It prints a table of the kills and a summary; ``--json PATH`` writes every
+measurement (:class:`Result`) there, and ``--report`` writes the numbers, the
+command and the machine into ``docs/reliability.md`` between
 ``<!-- crash:begin -->`` and ``<!-- crash:end -->``. Exit status 1 when a check
-failed.
+failed or a step could not be carried out.
 """
 
 from __future__ import annotations
@@ -40,28 +43,44 @@ import contextlib
 import http.client
 import json
 import os
-import platform
 import random
 import re
 import secrets
-import shlex
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+if not __package__:
+    # Run as a file (python loadtest/crash_loop.py): import loadtest from this
+    # checkout, as python -m loadtest.crash_loop does.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from loadtest.scenario import (
+    ROOT,
+    Daemon,
+    ScenarioFailed,
+    add_run_options,
+    argument_parser,
+    child_env,
+    command,
+    finish,
+    local_origin,
+    machine,
+    markers,
+    say,
+    scratch,
+    versions,
+)
 from weightcache.client.daemon import UnixHTTPConnection
 from weightcache.config import parse_size
-from weightcache.docsection import markers, put_section
+from weightcache.demo import DemoFailed
 
-ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 REPORT = ROOT / "docs" / "reliability.md"
 BEGIN, END = markers("crash")
@@ -69,6 +88,8 @@ BEGIN, END = markers("crash")
 POLL_S = 0.02
 #: the origin may send at most this multiple of the models' bytes
 MAX_ORIGIN_RATIO = 1.3
+#: a daemon that is not ready this long after its start fails the run
+START_TIMEOUT_S = 120.0
 
 
 # -- parameters and results ---------------------------------------------------------------
@@ -188,94 +209,14 @@ def call(
 GONE = (OSError, http.client.HTTPException)
 
 
-class DaemonProcess:
-    """``python -m weightcache daemon`` on one socket and cache; killed and restarted at will."""
-
-    def __init__(self, cache: Path, sock: Path, env: dict[str, str], log: Path) -> None:
-        self.cache, self.sock, self.log = cache, sock, log
-        self.env = {**env, "WEIGHTCACHE_CACHE_DIR": str(cache), "WEIGHTCACHE_SOCKET": str(sock)}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self, timeout_s: float = 120.0) -> None:
-        self.starts += 1
-        with open(self.log, "ab") as out:
-            out.write(f"=== crash_loop: start {self.starts} ===\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "weightcache", "-v", "daemon", "--socket", str(self.sock)],
-                env=self.env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited at start:\n{self.tail()}")
-            with contextlib.suppress(*GONE):
-                status, body = call(self.sock, "GET", "/healthz", timeout=5)
-                if status == 200 and body.get("ready"):
-                    return
-            time.sleep(POLL_S)
-        raise RuntimeError(f"the daemon did not become ready in {timeout_s:.0f}s:\n{self.tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL: no handler runs, nothing is flushed, the socket file stays behind."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait()
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        return self.proc.wait(timeout=timeout_s)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
-
-
 # -- models ---------------------------------------------------------------------------------
-
-
-def write_model(directory: Path, *, shards: int, shard_bytes: int, seed: int) -> None:
-    """``shards`` safetensors files of random fp16 bytes, an index, a config, a shared tokenizer."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    gen = np.random.default_rng(seed)
-    weight_map: dict[str, str] = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        half = shard_bytes // 2 // 2  # two fp16 tensors of shard_bytes / 2 each
-        tensors = {
-            f"layers.{i}.{part}.weight": gen.integers(0, 1 << 16, half, dtype=np.uint16).view(
-                np.float16
-            )
-            for part in ("attn", "mlp")
-        }
-        save_file(tensors, str(directory / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-    index = {"metadata": {"total_size": shards * shard_bytes}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (directory / "config.json").write_text(json.dumps({"model_type": "crash-loop", "seed": seed}))
-    # The same bytes in every model: stored once in the cache.
-    (directory / "tokenizer.json").write_text(json.dumps({"version": "1.0", "vocab": ["a", "b"]}))
 
 
 def publish_models(
     params: Params, env: dict[str, str], bucket: str, workdir: Path, rng: random.Random
 ) -> list[Model]:
     from weightcache.config import load_config
+    from weightcache.demo.synthetic import make_model
     from weightcache.hashing import digest_file
     from weightcache.publish import publish
     from weightcache.refs import parse_ref
@@ -293,10 +234,11 @@ def publish_models(
     for i in range(params.models):
         name = f"model-{i:03d}"
         directory = workdir / "models" / name
-        write_model(
+        make_model(
             directory,
+            total_bytes=params.shards * params.shard_bytes,
             shards=params.shards,
-            shard_bytes=params.shard_bytes,
+            dtype="fp16",
             seed=rng.getrandbits(32),
         )
         ref = f"s3://{bucket}/crash-loop/{name}"
@@ -414,7 +356,7 @@ def run(
         "WEIGHTCACHE_FETCH_MAX_BYTES_PER_S": str(params.rate_bytes_per_s),
         "WEIGHTCACHE_FETCH_CONCURRENCY": str(params.concurrency),
     }
-    daemon = DaemonProcess(cache, sock, daemon_env, workdir / "daemon.log")
+    daemon = Daemon(cache, sock, daemon_env, workdir / "daemon.log", verbose=True, cwd=ROOT)
     result.log_path = str(daemon.log)
     stop = threading.Event()
     workers: dict[str, _Worker] = {}
@@ -434,7 +376,7 @@ def run(
         model.posts += 1
         status, body = call(sock, "POST", "/v1/prefetch", {"ref": model.ref})
         if status != 202:
-            raise RuntimeError(f"{model.name}: prefetch answered {status}: {body}")
+            raise ScenarioFailed(f"{model.name}: prefetch answered {status}: {body}")
 
     def kill(kind: str, target: int) -> None:
         done, partial, parts = progress_bytes(cache, params.chunk_bytes)
@@ -457,7 +399,7 @@ def run(
         )
 
     try:
-        daemon.start()
+        daemon.start(timeout_s=START_TIMEOUT_S)
         while True:
             # One incarnation of the daemon: feed the window, kill at the next point.
             last_done, last_move = -1, time.monotonic()
@@ -482,11 +424,11 @@ def run(
                 if done != last_done:
                     last_done, last_move = done, time.monotonic()
                 elif time.monotonic() - last_move > params.stall_s:
-                    raise RuntimeError(
+                    raise ScenarioFailed(
                         f"no progress for {params.stall_s:.0f}s at {done} bytes:\n{daemon.tail()}"
                     )
                 if not daemon.alive():
-                    raise RuntimeError(f"the daemon died by itself:\n{daemon.tail()}")
+                    raise ScenarioFailed(f"the daemon died by itself:\n{daemon.tail()}")
                 time.sleep(POLL_S)
             if not killed:
                 break
@@ -496,7 +438,7 @@ def run(
                 if sock.exists():
                     result.stale_sockets += 1
                 t = time.monotonic()
-                daemon.start()
+                daemon.start(timeout_s=START_TIMEOUT_S)
                 result.restart_s.append(time.monotonic() - t)
                 n = len(result.kills)
                 if n < params.kills and kinds[n] == "startup":
@@ -523,7 +465,7 @@ def run(
 
 
 def _check(
-    result: Result, daemon: DaemonProcess, cache: Path, sock: Path, workers: dict[str, _Worker]
+    result: Result, daemon: Daemon, cache: Path, sock: Path, workers: dict[str, _Worker]
 ) -> None:
     """Every pull complete and right, jobs done, verify clean; stops the daemon."""
     from weightcache.hashing import digest_file
@@ -558,7 +500,7 @@ def _check(
             problems.append(
                 f"{m.name}: posted {m.posts}x, jobs {[(j['id'], j['state']) for j in mine]}"
             )
-    rc = daemon.stop()
+    rc = daemon.stop(timeout_s=60.0)
     if rc != 0:
         problems.append(f"the last daemon exited {rc} on SIGTERM")
     from weightcache.index import Index
@@ -687,8 +629,7 @@ def summary(result: Result) -> str:
 
 
 def report_section(result: Result, command: str) -> str:
-    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
-    machine += platform.python_version()
+    where = f"{machine()}; {versions()}"
     table = "\n".join(f"| {k} | {v} |" for k, v in summary_rows(result))
     return f"""{BEGIN}
 ## Crash loop: `kill -9` of the daemon mid-pull
@@ -737,7 +678,7 @@ and once the model is evicted the next restart pulls it back from the origin.
 reproduces it deterministically (a strict xfail until it is fixed); the loop
 counts the records left ("pull records left") without failing on them.
 
-Last run ({time.strftime("%Y-%m-%d")}, {machine}):
+Last run ({time.strftime("%Y-%m-%d")}, {where}):
 
     {command}
 
@@ -760,9 +701,7 @@ Last run ({time.strftime("%Y-%m-%d")}, {machine}):
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     d = Params()
-    p = argparse.ArgumentParser(
-        prog="loadtest/crash_loop.py", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    p = argument_parser("loadtest/crash_loop.py", __doc__)
     p.add_argument("--models", type=int, default=d.models, help="models to pull (default 20)")
     p.add_argument("--kills", type=int, default=d.kills, help="SIGKILLs of the daemon")
     p.add_argument("--shards", type=int, default=d.shards, help="safetensors shards per model")
@@ -775,20 +714,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=d.window, help="models requested at a time")
     p.add_argument("--startup-kill-p", type=float, default=d.startup_kill_p)
     p.add_argument("--seed", type=int, help="RNG seed (default: random, printed)")
-    p.add_argument("--workdir", type=Path, help="keep models, cache and the daemon log here")
-    p.add_argument("--report", type=Path, nargs="?", const=REPORT, help="write docs section")
-    p.add_argument("--json", type=Path, help="write every measurement here")
+    add_run_options(p, report=REPORT)
     return p.parse_args(argv)
-
-
-@contextlib.contextmanager
-def _seaweed(workdir: Path) -> Iterator[tuple[dict[str, str], str, Callable[[], int]]]:
-    from weightcache.seaweed import SeaweedServer
-
-    with SeaweedServer(workdir / "seaweed") as server:
-        bucket = f"crash-loop-{secrets.token_hex(4)}"
-        server.make_bucket(bucket)
-        yield server.env(), bucket, lambda: server.sent_bytes(bucket)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -810,45 +737,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = [a for a in argv if a != "--report" and not a.startswith("--report=")]
     if args.seed is None:
         shown += ["--seed", str(seed)]
-    command = " ".join([".venv/bin/python loadtest/crash_loop.py", *map(shlex.quote, shown)])
-
-    def say(text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     say(f"seed {seed} (repeat with --seed {seed})")
-    with contextlib.ExitStack() as stack:
-        if args.workdir:
-            workdir = args.workdir.resolve()
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wc-crash-")))
-        env, bucket, sent = stack.enter_context(_seaweed(workdir))
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTCACHE_", "AWS_"))}
-        result = run(
-            params,
-            env={**base, **env},
-            bucket=bucket,
-            sent_bytes=sent,
-            workdir=workdir / "run",
-            log=say,
-        )
+    try:
+        with scratch(args.workdir, "wc-crash-") as work, local_origin(work, "crash-loop") as origin:
+            assert origin.sent_bytes is not None  # a local SeaweedFS counts what it sends
+            result = run(
+                params,
+                env=child_env(origin.env),
+                bucket=origin.bucket,
+                sent_bytes=origin.sent_bytes,
+                workdir=work / "run",
+                log=say,
+            )
+    except DemoFailed as exc:  # ScenarioFailed, or a daemon that would not start
+        print(f"FAILED: {exc}")
+        return 1
     print()
     print(kill_table(result))
     print()
     print(summary(result))
     print()
-    if args.json:
-        doc = asdict(result)
-        doc.update(ratio=result.ratio, mid_pull_kills=result.mid_pull_kills)
-        args.json.write_text(json.dumps(doc, indent=1, default=str))
-    if args.report:
-        put_section(args.report, "crash", report_section(result, command), heading="# Reliability")
-        say(f"wrote {args.report}")
-    if result.problems:
-        print("FAILED:")
-        for problem in result.problems:
-            print(f"  - {problem}")
-        return 1
-    return 0
+    measurements = asdict(result)
+    measurements.update(ratio=result.ratio, mid_pull_kills=result.mid_pull_kills)
+    return finish(
+        args,
+        section="crash",
+        heading="# Reliability",
+        report=lambda: report_section(result, command("crash_loop.py", shown)),
+        measurements=measurements,
+        problems=result.problems,
+    )
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
     .venv/bin/python loadtest/load.py --report         # defaults: ~30 s on 2 cores
     .venv/bin/python loadtest/load.py --loads 128 --procs 16 --rounds 10 --status 5000
+    .venv/bin/python -m loadtest.load --help           # the same, as a module
 
 Against the real daemon (``python -m weightcache daemon``) and a real local
-SeaweedFS (:class:`weightcache.seaweed.SeaweedServer`, or ``--endpoint`` with
-``AWS_*`` credentials for one that already runs):
+SeaweedFS (:class:`weightcache.demo.seaweed.SeaweedServer`, or ``--endpoint``
+with ``AWS_*`` credentials and ``--bucket`` for one that already runs):
 
 * ``--loads`` concurrent ``weightcache.load`` calls of one model (the *main*
   model), from ``--procs`` worker processes of ``loads / procs`` threads each.
@@ -39,47 +40,60 @@ It passes when nothing failed: every load bitwise correct and served by the
 daemon, every hold found its files whole, every status request answered 200,
 every pressure operation succeeded, every sample of the cache was within its
 budget, evictions happened, and the daemon logged no internal error. It prints
-a table (status latency p50/p95/p99/max, load times) and, with ``--report``,
-writes the numbers, the command and the machine into ``docs/reliability.md``
-between ``<!-- load:begin -->`` and ``<!-- load:end -->``. Exit status 1 when a
-check failed.
+a table (status latency p50/p95/p99/max, load times); ``--json PATH`` writes
+every measurement (:class:`Result`) there, and ``--report`` writes the numbers,
+the command and the machine into ``docs/reliability.md`` between
+``<!-- load:begin -->`` and ``<!-- load:end -->``. Exit status 1 when a check
+failed or a step could not be carried out.
 
-``tests/faults/test_load_short.py`` runs a small version of :func:`run` in the
-test suite.
+``tests/faults/test_load_short.py`` runs a small version of it as a program.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import json
 import math
 import os
-import platform
 import re
 import resource
-import shlex
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+if not __package__:
+    # Run as a file (python loadtest/load.py): import loadtest from this checkout,
+    # as python -m loadtest.load does.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from loadtest.scenario import (
+    ROOT,
+    Daemon,
+    ScenarioFailed,
+    add_run_options,
+    argument_parser,
+    child_env,
+    command,
+    finish,
+    local_origin,
+    machine,
+    markers,
+    say,
+    scratch,
+    versions,
+)
 from weightcache.config import parse_size
-from weightcache.docsection import markers, put_section
+from weightcache.demo import DemoFailed
+from weightcache.demo.tensors import tensors_digest
 from weightcache.errors import WeightcacheError
 
-if TYPE_CHECKING:
-    import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 REPORT = ROOT / "docs" / "reliability.md"
 BEGIN, END = markers("load")
@@ -157,21 +171,6 @@ class Result:
 
 
 # -- digests ----------------------------------------------------------------------------
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """BLAKE3 over names, dtypes, shapes and raw bytes: bitwise identity, NaNs included."""
-    import torch
-
-    from weightcache.hashing import Hasher
-
-    h = Hasher()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def check_snapshot(doc: dict[str, Any]) -> list[str]:
@@ -334,84 +333,6 @@ def worker_main(spec: dict[str, Any]) -> int:
     return 0
 
 
-# -- the daemon ------------------------------------------------------------------------------
-
-
-def _client(sock: Path, timeout_s: float = 30.0) -> Any:
-    from weightcache.client.daemon import DaemonClient
-
-    return DaemonClient(socket_path=sock, connect_timeout_s=timeout_s, read_timeout_s=timeout_s)
-
-
-class Daemon:
-    """``python -m weightcache daemon`` on a Unix socket, with its log in a file."""
-
-    def __init__(self, cache: Path, sock: Path, env: dict[str, str], log: Path) -> None:
-        self.cache, self.sock, self.env, self.log = cache, sock, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        self.cache.mkdir(parents=True, exist_ok=True)
-        self.sock.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "weightcache", "daemon", "--socket", str(self.sock)],
-                env=self.env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited at start:\n{self.log_tail()}")
-            with contextlib.suppress(WeightcacheError):
-                if _client(self.sock, 2.0).health().get("ready"):
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"the daemon was not ready in {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def rss_peak(self) -> int:
-        if self.proc is None:
-            return 0
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def errors(self) -> list[str]:
-        """Lines of the log that mean the daemon itself failed (500s, tracebacks)."""
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return []
-        return [
-            line
-            for line in text.splitlines()
-            if "request.failed" in line or " ERROR " in line or " CRITICAL " in line
-        ]
-
-
 # -- the status storm ----------------------------------------------------------------------
 
 
@@ -567,21 +488,14 @@ class Sampler:
 # -- the driver -------------------------------------------------------------------------------
 
 
-def _clean_env(s3_env: dict[str, str]) -> dict[str, str]:
-    """This process's environment without any WEIGHTCACHE_* or AWS_* setting, plus ``s3_env``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTCACHE_", "AWS_"))}
-    env.update(s3_env)
-    return env
-
-
 def _wait_all(paths: Sequence[Path], deadline: float, what: str, alive: Callable[[], str]) -> None:
     while not all(p.exists() for p in paths):
         dead = alive()
         if dead:
-            raise RuntimeError(f"waiting for {what}: {dead}")
+            raise ScenarioFailed(f"waiting for {what}: {dead}")
         if time.monotonic() > deadline:
             missing = [p.name for p in paths if not p.exists()]
-            raise RuntimeError(f"timed out waiting for {what}: {missing[:8]}")
+            raise ScenarioFailed(f"timed out waiting for {what}: {missing[:8]}")
         time.sleep(POLL_S)
 
 
@@ -598,9 +512,9 @@ def prepare_models(
     largest model's bytes on disk.
     """
     from weightcache.config import load_config
+    from weightcache.demo.synthetic import make_model
     from weightcache.publish import publish
     from weightcache.refs import parse_ref
-    from weightcache.synthetic import make_model
 
     cfg = load_config(
         env={
@@ -646,7 +560,7 @@ def run(
     started = time.monotonic()
     deadline = started + opts.timeout_s
     workdir.mkdir(parents=True, exist_ok=True)
-    env = _clean_env(s3_env)
+    env = child_env(s3_env)
     log(f"generating and publishing {opts.models + 1} models of {opts.model_bytes // MiB} MiB")
     refs, want, model_bytes = prepare_models(workdir, opts, bucket, env, log)
     budget = int(opts.budget_models * model_bytes)
@@ -656,11 +570,10 @@ def run(
     sync.mkdir(parents=True, exist_ok=True)
     daemon_env = {
         **env,
-        "WEIGHTCACHE_CACHE_DIR": str(cache),
         "WEIGHTCACHE_CACHE_MAX_BYTES": str(budget),
         "WEIGHTCACHE_FETCH_CONCURRENCY": str(opts.fetch_concurrency),
     }
-    daemon = Daemon(cache, sock, daemon_env, workdir / "daemon.log")
+    daemon = Daemon(cache, sock, daemon_env, workdir / "daemon.log", cwd=ROOT)
     worker_env = {**env, "WEIGHTCACHE_CACHE_DIR": str(cache), "WEIGHTCACHE_SOCKET": str(sock)}
     procs: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
     pressure: Pressure | None = None
@@ -697,7 +610,7 @@ def run(
 
         def dead() -> str:
             if daemon.proc is not None and daemon.proc.poll() is not None:
-                return f"the daemon exited:\n{daemon.log_tail()}"
+                return f"the daemon exited:\n{daemon.tail()}"
             for proc, _, err in procs:
                 if proc.poll() is not None:
                     return f"worker {proc.pid} exited {proc.returncode}:\n{err.read_text()[-2000:]}"
@@ -713,9 +626,9 @@ def run(
         log(f"{opts.procs} workers ready; waiting for the first eviction")
         while not sampler.samples or sampler.samples[-1]["evictions"] == 0:
             if dead():
-                raise RuntimeError(dead())
+                raise ScenarioFailed(dead())
             if time.monotonic() > deadline:
-                raise RuntimeError("the pressure never made the daemon evict")
+                raise ScenarioFailed("the pressure never made the daemon evict")
             time.sleep(0.05)
 
         bursts = opts.status_bursts if opts.status else 0
@@ -755,9 +668,9 @@ def run(
             doc["stderr"] = err.read_text(errors="replace")[-2000:]
             result.ops += doc.pop("ops")
             result.workers.append(doc)
-        if daemon.proc is not None and daemon.proc.poll() is None:
+        if daemon.alive():
             try:
-                result.final_status = _client(sock).status()
+                result.final_status = daemon.client(timeout_s=30.0).status()
             except WeightcacheError as exc:
                 result.problems.append(f"the final status request failed: {_error(exc)}")
             result.daemon_rss_bytes = daemon.rss_peak()
@@ -975,26 +888,11 @@ def summary(result: Result) -> str:
     )
 
 
-def machine() -> str:
-    import aiohttp
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        mem = f", {kib / (1 << 20):.0f} GiB RAM"
+def _where() -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{os.cpu_count()} x {cpu}{mem}; {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"aiohttp {aiohttp.__version__}; load average {load} at the end (a shared machine: "
-        "other work ran beside it)"
+        f"{machine()}; {versions('torch', 'aiohttp')}; load average {load} at the end "
+        "(a shared machine: other work ran beside it)"
     )
 
 
@@ -1020,7 +918,7 @@ def report_section(result: Result, command: str) -> str:
             "",
             f"Run {stamp}: `{command}`",
             "",
-            f"Machine: {machine()}",
+            f"Machine: {_where()}",
             "",
             summary(result),
             "",
@@ -1037,9 +935,7 @@ def report_section(result: Result, command: str) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     d = Options()
-    p = argparse.ArgumentParser(
-        prog="loadtest/load.py", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    p = argument_parser("loadtest/load.py", __doc__)
     p.add_argument("--loads", type=int, default=d.loads, help="concurrent loads per wave")
     p.add_argument("--procs", type=int, default=d.procs, help="worker processes")
     p.add_argument("--rounds", type=int, default=d.rounds, help="waves of loads")
@@ -1060,28 +956,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--endpoint",
         help="an S3 server that already runs (credentials from AWS_*); default: start SeaweedFS",
     )
-    p.add_argument("--bucket", default="weightcache-load")
-    p.add_argument("--workdir", type=Path, help="keep models, cache and logs here")
-    p.add_argument("--report", type=Path, nargs="?", const=REPORT, help="write docs section")
-    p.add_argument("--json", type=Path, help="write every measurement here")
+    p.add_argument(
+        "--bucket",
+        default="weightcache-load",
+        help="with --endpoint: the bucket to use as it is; else the new bucket's name prefix",
+    )
+    add_run_options(p, report=REPORT)
     return p.parse_args(argv)
-
-
-@contextlib.contextmanager
-def _s3(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[dict[str, str], str]]:
-    import secrets
-
-    if args.endpoint:
-        env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-        env["AWS_ENDPOINT_URL"] = args.endpoint
-        yield env, args.bucket
-        return
-    from weightcache.seaweed import SeaweedServer
-
-    with SeaweedServer(workdir / "seaweed") as server:
-        bucket = f"{args.bucket}-{secrets.token_hex(4)}"
-        server.make_bucket(bucket)
-        yield server.env(), bucket
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1096,35 +977,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, k, None) is not None
         }
     )
-    command = " ".join(["python loadtest/load.py", *map(shlex.quote, argv)])
-
-    def say(text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-    with contextlib.ExitStack() as stack:
-        if args.workdir:
-            workdir = args.workdir.resolve()
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wc-load-")))
-        s3_env, bucket = stack.enter_context(_s3(args, workdir))
-        result = run(opts, s3_env=s3_env, bucket=bucket, workdir=workdir / "run", log=say)
+    try:
+        with (
+            scratch(args.workdir, "wc-load-") as work,
+            local_origin(work, args.bucket, endpoint=args.endpoint or "") as origin,
+        ):
+            result = run(
+                opts, s3_env=origin.env, bucket=origin.bucket, workdir=work / "run", log=say
+            )
+    except DemoFailed as exc:  # ScenarioFailed, or a daemon that would not start
+        print(f"FAILED: {exc}")
+        return 1
     print()
     print(summary(result))
     print()
     print(table(result))
     print()
-    if args.json:
-        args.json.write_text(json.dumps(asdict(result), indent=1, default=str))
-    if args.report:
-        put_section(args.report, "load", report_section(result, command), heading="# Reliability")
-        say(f"wrote {args.report}")
-    if result.problems:
-        print("FAILED:")
-        for p in result.problems:
-            print(f"  - {p}")
-        return 1
-    print("every check passed")
-    return 0
+    return finish(
+        args,
+        section="load",
+        heading="# Reliability",
+        report=lambda: report_section(result, command("load.py", argv)),
+        measurements=asdict(result),
+        problems=result.problems,
+        passed="every check passed",
+    )
 
 
 if __name__ == "__main__":

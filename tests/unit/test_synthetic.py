@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from weightcache.synthetic import INDEX_NAME, make_model
+from weightcache.demo.synthetic import INDEX_NAME, make_model
 
 MiB = 1 << 20
 
@@ -104,7 +104,7 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
 
 
 def test_importing_the_module_does_not_import_torch() -> None:
-    code = "import sys, weightcache.synthetic; print('torch' in sys.modules)"
+    code = "import sys, weightcache.demo.synthetic; print('torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout

