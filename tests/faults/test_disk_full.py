@@ -36,9 +36,8 @@ import pytest
 import torch
 
 import weightcache
-from loadtest.crash_loop import write_model as write_big_model
 from tests.support.daemon import Daemon, call
-from tests.support.models import assert_bitwise_equal, reference, write_model
+from tests.support.models import assert_bitwise_equal, reference, write_fp16_model, write_model
 from weightcache.config import load_config
 from weightcache.errors import CacheFull
 from weightcache.hashing import digest_file
@@ -143,10 +142,10 @@ def publish_models(s3: Any, tmp_path: Path, *, mid: bool = True) -> Models:
         }
     )
     small_files = write_model(tmp_path / "small", shards=2, big=2 * MiB)
-    write_big_model(tmp_path / "big", shards=2, shard_bytes=18 * MiB, seed=2)
+    write_fp16_model(tmp_path / "big", shards=2, shard_bytes=18 * MiB, seed=2)
     names = ["small", "big"]
     if mid:
-        write_big_model(tmp_path / "mid", shards=3, shard_bytes=4 * MiB, seed=3)
+        write_fp16_model(tmp_path / "mid", shards=3, shard_bytes=4 * MiB, seed=3)
         names.append("mid")
     refs = {"mid": ""}
     for name in names:

@@ -2,46 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from tests.support import worker
 from tests.support.models import reference, tensors_digest, write_model
 from weightcache.config import load_config
 from weightcache.manifest import MANIFEST_NAME
 from weightcache.publish import publish
 from weightcache.refs import parse_ref
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def start_workers(
-    ref: str, n: int, barrier: Path, extra_env: dict[str, str] | None = None
-) -> list[subprocess.Popen[str]]:
-    env = {**os.environ, **(extra_env or {})}
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.support.worker", ref, "--wait-file", str(barrier)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        for _ in range(n)
-    ]
-
-
-def collect(procs: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
 
 
 def test_eight_processes_cold_pull_each_file_once(s3: Any, tmp_path: Path) -> None:
@@ -54,10 +24,10 @@ def test_eight_processes_cold_pull_each_file_once(s3: Any, tmp_path: Path) -> No
     want = tensors_digest(reference(files))
 
     barrier = tmp_path / "go"
-    procs = start_workers(ref, 8, barrier)
+    procs = worker.start(ref, 8, barrier, os.environ)
     before = s3.sent_bytes()
     barrier.touch()
-    results = collect(procs)
+    results = worker.collect(procs)
 
     sent = s3.sent_bytes() - before
     # Each file once; the only extra is each process reading the (small) manifest.

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from tests.support import worker
 from tests.support.daemon import Daemon, call
 from tests.support.models import reference, tensors_digest, write_model
 from weightcache.config import load_config
@@ -35,26 +32,11 @@ def test_32_workers_one_cold_ref_one_pull(s3: Any, tmp_path: Path) -> None:
     sock = tmp_path / "run" / "wc.sock"
     with Daemon(tmp_path / "cache", sock, dict(os.environ)) as daemon:
         barrier = tmp_path / "go"
-        env = {**daemon.env}
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.support.worker", ref, "--wait-file", str(barrier)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-                cwd=ROOT,
-            )
-            for _ in range(32)
-        ]
-        time.sleep(1.0)  # let the workers import torch before the starting gun
+        # Every worker has imported torch and the loader before the starting gun.
+        procs = worker.start(ref, 32, barrier, daemon.env)
         before = s3.sent_bytes()
         barrier.touch()
-        results = []
-        for p in procs:
-            out, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err[-3000:]
-            results.append(json.loads(out.strip().splitlines()[-1]))
+        results = worker.collect(procs, timeout_s=300)
 
         sent = s3.sent_bytes() - before
         # One pull: the model once, plus the manifest, read once per resolve window

@@ -59,6 +59,35 @@ def write_model(
     return files
 
 
+def write_fp16_model(directory: Path, *, shards: int, shard_bytes: int, seed: int) -> None:
+    """``shards`` safetensors files of random fp16 bits, each exactly ``shard_bytes`` of tensors.
+
+    Plus an index and a config; the ``tokenizer.json`` is the same bytes in every
+    model (and as :func:`write_model`'s), so caches store it once.
+    """
+    import numpy as np
+    from safetensors.numpy import save_file as save_numpy
+
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = np.random.default_rng(seed)
+    weight_map: dict[str, str] = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        half = shard_bytes // 2 // 2  # two fp16 tensors of shard_bytes / 2 each
+        tensors = {
+            f"layers.{i}.{part}.weight": gen.integers(0, 1 << 16, half, dtype=np.uint16).view(
+                np.float16
+            )
+            for part in ("attn", "mlp")
+        }
+        save_numpy(tensors, str(directory / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = {"metadata": {"total_size": shards * shard_bytes}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (directory / "config.json").write_text(json.dumps({"model_type": "fp16", "seed": seed}))
+    (directory / "tokenizer.json").write_text(json.dumps({"version": "1.0", "vocab": ["a", "b"]}))
+
+
 def reference(files: dict[str, Path]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path in files.values():
