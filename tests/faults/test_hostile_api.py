@@ -48,6 +48,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from tests.support.daemon import free_port
 from weightcache.api import app as api_app
 from weightcache.api.server import Listeners
 from weightcache.client.daemon import UnixHTTPConnection
@@ -1290,17 +1291,11 @@ _MALFORMED: list[tuple[str, bytes]] = [
 _CUT_SHORT = {"short body, then hang up", "half a request line"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @collect_before_report
 def test_malformed_http_against_the_real_daemon(tmp_path: Path) -> None:
     ref = make_model(tmp_path, "m", 200_000, 2)
     sock_path = tmp_path / "d.sock"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTCACHE_", "AWS_"))} | {
         "WEIGHTCACHE_CACHE_DIR": str(tmp_path / "cache"),
         "WEIGHTCACHE_CACHE_RESERVE_BYTES": "0",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 import weightcache
 from tests.support.daemon import Daemon as _Daemon
+from tests.support.daemon import free_port
 from tests.support.models import assert_bitwise_equal, reference, write_model
 from weightcache.client.daemon import DaemonClient
 from weightcache.config import load_config
@@ -71,13 +71,6 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
         cwd=ROOT,
         timeout=120,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
