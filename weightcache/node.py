@@ -20,9 +20,9 @@ import errno
 import functools
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,9 +37,10 @@ from weightcache.errors import (
     OriginUnavailable,
     RevisionAmbiguous,
 )
-from weightcache.fetch import Fetcher, FetchStats, TokenBucket
+from weightcache.fetch import Fetcher, FetchStats
 from weightcache.hashing import is_digest
 from weightcache.index import Index
+from weightcache.limits import NodeSlots, NodeTokenBucket
 from weightcache.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -62,6 +63,9 @@ T = TypeVar("T")
 LOCK_POLL_S = 0.05
 #: threads for metadata hops (manifests, snapshots, the index, locks): short calls only
 METADATA_THREADS = 4
+#: manifest and listing reads at once per process (the daemon reads a location's
+#: manifest once per 2 s however many workers ask); apart from the transfer slots
+MANIFEST_READS = 2
 
 
 class _NoIndex:
@@ -78,6 +82,21 @@ class _NoIndex:
             raise CacheFull("the cache index could not be opened: the disk is full")
 
         return fail
+
+
+class _NodeWideSlots(PrioritySlots):
+    """This process's priority order in front of the node's slot files: a chunk
+    waits for its turn here, then for one of the node's slots (usually free at
+    once: it is busy only while other processes pull)."""
+
+    def __init__(self, capacity: int, node_slots: NodeSlots) -> None:
+        super().__init__(capacity)
+        self.node_slots = node_slots
+
+    @asynccontextmanager
+    async def slot(self, priority: int | Urgency = Priority.WORKER) -> AsyncIterator[None]:
+        async with super().slot(priority), self.node_slots.slot():
+            yield
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +137,12 @@ class Node:
         self.transfers = ThreadPoolExecutor(
             max_workers=self.cfg.fetch.concurrency + 2, thread_name_prefix="weightcache-io"
         )
-        self._limiter: TokenBucket | None = None
-        self._slots: PrioritySlots | None = None
+        self._limiter: NodeTokenBucket | None = None
+        self._slots: _NodeWideSlots | None = None
         self._blob_flight: SingleFlight[str, bool] = SingleFlight()
         self._origins: dict[str, tuple[Origin, str]] = {}
         self._origin_flight: SingleFlight[str, tuple[Origin, str]] = SingleFlight()
+        self._manifest_slots = PrioritySlots(MANIFEST_READS)
 
     async def origin(self, ref: Ref) -> tuple[Origin, str]:
         """The origin a ref lives in (one per bucket or directory, connections reused)
@@ -147,6 +167,10 @@ class Node:
     def _close_blocking(self) -> None:
         self.transfers.shutdown(wait=True)
         self.executor.shutdown(wait=True)
+        if self._slots is not None:
+            self._slots.node_slots.close()
+        if self._limiter is not None:
+            self._limiter.close()
         for origin, _ in self._origins.values():
             origin.close()
         self._origins.clear()
@@ -158,12 +182,24 @@ class Node:
 
     @property
     def slots(self) -> PrioritySlots:
-        """The node-wide cap on concurrent origin requests (one per chunk GET)."""
+        """The node-wide cap on concurrent origin requests (one per chunk GET): served
+        by priority inside this process, and shared with every other process on the
+        node (the daemon, embedded workers, the CLI) through ``locks/``."""
         if self._slots is None:
             # Created lazily inside the running loop (asyncio primitives bind to it).
-            self._slots = PrioritySlots(self.cfg.fetch.concurrency)
-            if self.cfg.fetch.max_bytes_per_s:
-                self._limiter = TokenBucket(self.cfg.fetch.max_bytes_per_s, self.clock)
+            fetch = self.cfg.fetch
+            node_slots = NodeSlots(
+                self.store.locks,
+                fetch.concurrency,
+                clock=self.clock,
+                executor=self.executor,
+                rng=self.rng,
+            )
+            self._slots = _NodeWideSlots(fetch.concurrency, node_slots)
+            if fetch.max_bytes_per_s:
+                self._limiter = NodeTokenBucket(
+                    self.store.locks, fetch.max_bytes_per_s, clock=self.clock, executor=self.executor
+                )
         return self._slots
 
     def _fetcher(self, priority: Priority | Urgency) -> Fetcher:
@@ -235,8 +271,9 @@ class Node:
         policy = self.cfg.fetch
 
         async def attempt() -> T:
-            # Manifest reads count against the node-wide cap on origin requests too.
-            async with self.slots.slot(Priority.WORKER):
+            # Manifest reads have their own small cap, not the transfer slots: a warm
+            # load must not queue behind another model's stalled chunk GETs.
+            async with self._manifest_slots.slot(Priority.WORKER):
                 return await self.hop(fn, *args, **kwargs)
 
         return await retry_async(

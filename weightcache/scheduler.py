@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import heapq
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -62,18 +61,25 @@ class Urgency:
         return f"Urgency({self.priority.label})"
 
 
-@dataclass(order=True)
+@dataclass(eq=False)
 class _Waiter:
-    priority: int
+    #: read when a slot is handed out, not when the waiter queued: an Urgency
+    #: raised meanwhile moves its waiting chunks ahead
+    priority: int | Urgency
     seq: int
-    future: asyncio.Future[None] = field(compare=False)
+    future: asyncio.Future[None]
+
+    def order(self) -> tuple[int, int]:
+        return int(self.priority), self.seq
 
 
 class PrioritySlots:
     """A semaphore whose waiters are served by priority, then first come first served.
 
     This is the node-wide cap on concurrent origin requests: every chunk GET of
-    every pull takes one slot.
+    every pull takes one slot. A waiter's priority is read when a slot frees
+    (a linear pass over the waiters: a few hundred chunks at most), so raising
+    a pull's :class:`Urgency` reorders the chunks it already queued.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -102,21 +108,25 @@ class PrioritySlots:
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
-        waiter = _Waiter(int(priority), next(self._seq), asyncio.get_running_loop().create_future())
-        heapq.heappush(self._waiters, waiter)
+        waiter = _Waiter(priority, next(self._seq), asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
         try:
             await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
                 self._release()  # woken and cancelled at once: pass the slot on
             raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def _release(self) -> None:
-        while self._waiters:
-            waiter = heapq.heappop(self._waiters)
-            if not waiter.future.done():
-                waiter.future.set_result(None)
-                return
+        self._waiters = [w for w in self._waiters if not w.future.done()]
+        if self._waiters:
+            waiter = min(self._waiters, key=_Waiter.order)
+            self._waiters.remove(waiter)
+            waiter.future.set_result(None)
+            return
         self._free += 1
 
 
