@@ -33,7 +33,7 @@ def test_32_workers_one_cold_ref_one_pull(s3: Any, tmp_path: Path) -> None:
     with Daemon(tmp_path / "cache", sock, dict(os.environ)) as daemon:
         barrier = tmp_path / "go"
         # Every worker has imported torch and the loader before the starting gun.
-        procs = worker.start(ref, 32, barrier, daemon.env)
+        procs = worker.start(ref, 32, barrier, daemon.env, timeout_s=300)
         before = s3.sent_bytes()
         barrier.touch()
         results = worker.collect(procs, timeout_s=300)

@@ -27,7 +27,7 @@ from tests.support.models import tensors_digest
 from weightcache.errors import WeightcacheError
 
 ROOT = Path(__file__).resolve().parents[2]
-#: how long a worker waits at the barrier, and the parent for the workers to get there
+#: how long a worker waits at the barrier once it is there
 BARRIER_TIMEOUT_S = 60.0
 
 
@@ -65,8 +65,13 @@ def main() -> int:
     return 0
 
 
-def start(ref: str, n: int, barrier: Path, env: Mapping[str, str]) -> list[subprocess.Popen[str]]:
-    """``n`` workers loading ``ref`` once ``barrier`` exists; returns when all wait there."""
+def start(
+    ref: str, n: int, barrier: Path, env: Mapping[str, str], *, timeout_s: float = 240
+) -> list[subprocess.Popen[str]]:
+    """``n`` workers loading ``ref`` once ``barrier`` exists; returns when all wait there.
+
+    ``timeout_s`` bounds their imports (torch: seconds each, many at once on few cores).
+    """
     ready = barrier.with_name(f"{barrier.name}.ready")
     ready.mkdir()
     procs = [
@@ -83,14 +88,20 @@ def start(ref: str, n: int, barrier: Path, env: Mapping[str, str]) -> list[subpr
         )
         for _ in range(n)
     ]
-    deadline = time.monotonic() + BARRIER_TIMEOUT_S
-    while len(os.listdir(ready)) < n:
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(os.listdir(ready)) < n:
+            for p in procs:
+                if p.poll() is not None:
+                    _, err = p.communicate()
+                    raise AssertionError(f"worker {p.pid} exited {p.returncode}:\n{err[-3000:]}")
+            assert time.monotonic() < deadline, f"{len(os.listdir(ready))} of {n} workers ready"
+            time.sleep(0.01)
+    except BaseException:
         for p in procs:
-            if p.poll() is not None:
-                _, err = p.communicate()
-                raise AssertionError(f"worker {p.pid} exited {p.returncode}:\n{err[-3000:]}")
-        assert time.monotonic() < deadline, f"{len(os.listdir(ready))} of {n} workers ready"
-        time.sleep(0.01)
+            p.kill()
+            p.communicate()
+        raise
     return procs
 
 
