@@ -78,6 +78,11 @@ SCHEMAS: dict[str, Any] = {
                 "description": "keep the revision from eviction until released or expired",
             },
             "priority": {**_PRIORITY, "default": "worker"},
+            "bind": {
+                **_BOOL,
+                "default": False,
+                "description": "the lease also ends when this request's connection closes",
+            },
         },
         ["ref"],
         additionalProperties=False,
