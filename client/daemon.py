@@ -287,6 +287,8 @@ class DaemonClient:
         conn: http.client.HTTPConnection | None = None,
         keep: bool = False,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        if doc is None and method in ("POST", "DELETE"):
+            doc = {}  # the daemon takes a POST only as JSON (no cross-site form posts)
         body = json.dumps(doc).encode() if doc is not None else None
         conn = conn if conn is not None else self._connection(read_timeout)
         try:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from weightcache.aio import Clock
 from weightcache.config import Config
 from weightcache.errors import CacheFull, WeightcacheError
 from weightcache.evict import Plan, Revision, bytes_to_free, plan
@@ -255,6 +256,10 @@ class Budget:
 #: how many times a pull re-checks its room after an eviction (other pulls commit
 #: blobs meanwhile) before it gives up with cache_full
 ROOM_ATTEMPTS = 8
+#: when nothing can be evicted now, because what fills the budget is in use (other
+#: pulls in flight, revisions between their hit and their lease), wait this long
+#: (doubling) for it to be released before checking again
+ROOM_WAIT_S = 0.05
 
 Hop = Callable[..., Awaitable[Any]]
 
@@ -267,12 +272,15 @@ async def make_room(
     manifest: Manifest,
     protection: Callable[[], Protection],
     lock: asyncio.Lock,
+    clock: Clock,
 ) -> list[Plan]:
     """Admit a pull of ``rev``: evict until it fits (returning what was evicted), or
     raise the CacheFull it would hit.
 
     ``protection`` is called on the event loop each time, so a lease granted
-    meanwhile is protected by the next eviction.
+    meanwhile is protected by the next eviction. A cache full only of what is in
+    use right now is waited for, briefly (about 6 s in all): concurrent pulls end
+    and their workers release their leases; a cache that stays full is cache_full.
     """
     done: list[Plan] = []
     for attempt in range(ROOM_ATTEMPTS):
@@ -289,10 +297,21 @@ async def make_room(
                 "make_room",
                 partial=False,
             )
-        if not chosen.revisions and not chosen.blobs:
-            raise short
-        done.append(chosen)
-    return done
+        if chosen.revisions or chosen.blobs:
+            done.append(chosen)
+            continue
+        others = protection().revisions | await hop(budget.uses.busy)
+        if not others - {rev}:
+            raise short  # nothing else holds the room: waiting cannot help
+        delay = ROOM_WAIT_S * 2**attempt
+        log.info(
+            "evict.wait revision=%s shortfall_bytes=%d delay_s=%.2f",
+            rev[:16],
+            short.facts["shortfall_bytes"],
+            delay,
+        )
+        await clock.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 async def enforce(

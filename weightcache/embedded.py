@@ -75,7 +75,14 @@ class Embedded:
             result = await node.lookup(res)
             if result is None:
                 await make_room(
-                    self.budget, node.hop, ref, rev, res.manifest, Protection, self._evict_lock
+                    self.budget,
+                    node.hop,
+                    ref,
+                    rev,
+                    res.manifest,
+                    Protection,
+                    self._evict_lock,
+                    node.clock,
                 )
                 result = await node.pull(res, on_progress, priority=priority)
                 await enforce(self.budget, node.hop, Protection, self._evict_lock)

@@ -395,6 +395,7 @@ class Service:
                     res.manifest,
                     self._protection,
                     self._evict_lock,
+                    self.clock,
                 )
                 for chosen in evicted:
                     self._count(chosen)
