@@ -281,7 +281,7 @@ def test_overloaded_carries_the_daemons_retry_after(real: Real) -> None:
     try:
         _until(lambda: bool(c.status()["pulls"]), "the pull to start")
         # daemon.max_pending = 1: a second distinct pull is refused while it runs (its
-        # manifest read, a worker's, takes the origin slot ahead of background chunks).
+        # manifest read does not queue behind the running pull's chunks).
         with pytest.raises(Overloaded) as info:
             c.ensure(other, lease=False)
         assert info.value.retryable and info.value.retry_after_s >= 1.0

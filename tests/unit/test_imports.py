@@ -1,46 +1,113 @@
-"""Importing weightcache for `load` stays light: no server, no pull machinery until used."""
+"""What importing weightcache and its client loads, checked in fresh interpreters.
+
+A worker imports ``weightcache`` (or ``weightcache.client``) to call ``load``:
+that must not bring in the daemon's server (``aiohttp.web``, ``uvloop``), the
+pull machinery (``minio``, ``diskcache``, ``weightcache.node``,
+``weightcache.fetch``) or ``torch`` until a call needs them. Each check runs
+in a new interpreter, since this test process has long since imported all of
+them; and the client must import as ``weightcache.client`` from a plain
+checkout (the ``weightcache/client`` symlink), not only from an install.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
-PROBE = """
-import json, sys
-import weightcache
-from weightcache.client import loader
-before = set(sys.modules)
-print(json.dumps(sorted(m for m in before if m.split('.')[0] in
-      ('aiohttp', 'uvloop', 'minio', 'diskcache', 'urllib3', 'torch', 'weightcache'))))
-"""
+#: what a worker's ``import`` must not load
+HEAVY = (
+    "aiohttp.web",
+    "uvloop",
+    "minio",
+    "diskcache",
+    "torch",
+    "weightcache.node",
+    "weightcache.fetch",
+)
 
 
-def test_import_is_light() -> None:
+def run_python(probe: str, cwd: Path) -> str:
+    """``probe`` in a new interpreter (no PYTHON* variables, no user site); its last line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT, check=True
+        [sys.executable, "-s", "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
     )
-    loaded = set(json.loads(out.stdout))
-    for heavy in (
-        "aiohttp.web",
-        "uvloop",
-        "minio",
-        "diskcache",
-        "weightcache.node",
-        "weightcache.fetch",
-    ):
-        assert heavy not in loaded, f"{heavy} imported by `import weightcache`"
-    assert "torch" not in loaded  # the loader imports torch on first call only
-    assert "weightcache.client.loader" in loaded
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
 
 
-def test_client_maps_to_the_client_directory() -> None:
-    import weightcache.client.loader as loader
+def loaded_by(statement: str) -> set[str]:
+    """The modules in ``sys.modules`` after ``statement`` in a fresh interpreter."""
+    probe = f"import json, sys\n{statement}\nprint(json.dumps(list(sys.modules)))"
+    return set(json.loads(run_python(probe, ROOT)))
 
-    assert Path(loader.__file__).resolve() == ROOT / "client" / "loader.py"
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import weightcache",
+        "from weightcache import load, load_with_report, open, snapshot",
+        "import weightcache.client",
+        "from weightcache.client.daemon import DaemonClient",
+        "from weightcache.client.loader import load",
+    ],
+)
+def test_a_workers_import_loads_nothing_heavy(statement: str) -> None:
+    loaded = loaded_by(statement)
+    assert "weightcache" in loaded, "the probe did not run the import"
+    heavy = sorted(m for m in HEAVY if m in loaded)
+    assert not heavy, f"`{statement}` loads {heavy}"
+
+
+@pytest.mark.parametrize(
+    ("statement", "heavy"),
+    [
+        ("import weightcache.api", "aiohttp.web"),
+        ("import weightcache.service", "diskcache"),
+    ],
+)
+def test_the_probe_sees_heavy_imports_where_there_are_some(statement: str, heavy: str) -> None:
+    # The check above would pass on a probe that saw nothing: show it sees.
+    assert heavy in loaded_by(statement)
+
+
+def test_the_client_imports_as_weightcache_client_from_a_plain_checkout(tmp_path: Path) -> None:
+    # What a checkout holds without `pip install`: the package, client/ beside it, and
+    # the weightcache/client symlink between them.
+    for name in ("weightcache", "client"):
+        shutil.copytree(
+            ROOT / name,
+            tmp_path / name,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+    assert (tmp_path / "weightcache" / "client").is_symlink()
+    probe = (
+        "import json, weightcache, weightcache.client, weightcache.client.daemon as d, "
+        "weightcache.client.loader as l; "
+        "print(json.dumps([weightcache.__file__, d.__file__, l.__file__]))"
+    )
+    files = [Path(p).resolve() for p in json.loads(run_python(probe, tmp_path))]
+    # From the checkout itself (the working directory), not from this environment's
+    # install of the package.
+    assert files == [
+        tmp_path / "weightcache" / "__init__.py",
+        tmp_path / "client" / "daemon.py",
+        tmp_path / "client" / "loader.py",
+    ]
 
 
 def test_the_demo_gets_as_far_as_naming_its_extra_without_it() -> None:
