@@ -1,9 +1,12 @@
 """A full disk: the cache on a 32 MiB file system of its own, the real daemon, the real SeaweedFS.
 
 Each test mounts a tmpfs (or, where tmpfs cannot be mounted, a loop-mounted
-ext4 image) for the cache and unmounts it afterwards, whatever happened; where
-neither can be mounted (no root, no CAP_SYS_ADMIN) the tests skip and say so.
-The daemon's log and socket live outside the small file system.
+ext4 image) for the cache and unmounts it afterwards, whatever happened. That
+**requires root** (CAP_SYS_ADMIN), which CI has: without it every test here
+fails at once with a message that says so, rather than skipping, because a
+disk-full test that cannot fill a disk proves nothing and a skip would hide
+that it never ran. The daemon's log and socket live outside the small file
+system.
 
 The claims (SPEC, "Bad input gets a clear error and loses nothing"):
 
@@ -60,8 +63,17 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
+#: why a test here fails on a machine that cannot mount
+NEEDS_ROOT = (
+    "tests/faults/test_disk_full.py needs root (CAP_SYS_ADMIN) to mount a small file "
+    "system for the cache; run it as root, as CI does"
+)
+
+
 def _mount(target: Path, image: Path) -> str:
-    """Mount a FS_BYTES file system on ``target``; return how, or skip saying why not."""
+    """Mount a FS_BYTES file system on ``target``; return how, or fail saying why not."""
+    if os.geteuid() != 0:
+        pytest.fail(f"{NEEDS_ROOT} (running as uid {os.geteuid()})", pytrace=False)
     tried = []
     out = _run("mount", "-t", "tmpfs", "-o", f"size={FS_BYTES},mode=0755", "tmpfs", str(target))
     if out.returncode == 0:
@@ -79,7 +91,7 @@ def _mount(target: Path, image: Path) -> str:
         else:
             tried.append(f"mkfs.ext4: {mk.stderr.strip()}")
     # A disk-full test that cannot fill a disk proves nothing: fail, do not skip.
-    pytest.fail("cannot mount a small file system here (needs root): " + "; ".join(tried))
+    pytest.fail(f"{NEEDS_ROOT}; mounting failed: " + "; ".join(tried), pytrace=False)
 
 
 def _unmount(target: Path) -> None:
