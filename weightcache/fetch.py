@@ -1,24 +1,53 @@
 """One blob download: parallel ranged GETs, per-chunk BLAKE3, written in place, resumable.
 
-The async shell here schedules chunks; each chunk is one hop into a worker
-thread that streams the range from the origin, hashes it as it arrives, and
-writes it with ``pwrite`` into ``partial/<blake3>.part``. A verified chunk is
-recorded in ``partial/<blake3>.chunks``; after a crash the recorded chunks are
-re-hashed (cheap, local) and only the rest is fetched again, so a ``kill -9``
-loses at most the chunks in flight.
+The async shell here schedules chunks; each attempt at a chunk is one hop into
+a worker thread that streams the range from the origin, hashes it as it
+arrives, and writes it with ``pwrite`` into ``partial/<blake3>.part``. A
+verified chunk is recorded in ``partial/<blake3>.chunks``.
+
+Resume, inside a chunk too. Every ``checkpoint_bytes`` of a chunk in flight the
+thread ``fdatasync``s the part file and appends (chunk, bytes written) to
+``partial/<blake3>.progress``; it does so once more when it is aborted or its
+body is cut. A later attempt (a retry in this process, or the next pull after a
+``kill -9``) asks the origin only for the rest of the chunk: it re-reads the
+prefix from the part file into the chunk's hasher and streams the remainder
+behind it, so the whole chunk is still checked against its manifest digest.
+Nothing in ``partial/`` is trusted: a recorded chunk is re-hashed, and a
+progress record that lies (torn, stale, bytes lost in a power cut) fails the
+whole-chunk hash, after which the chunk is fetched again from its start. A
+``kill -9`` loses at most ``checkpoint_bytes`` per transfer in flight.
 
 Retries: transient origin faults (:class:`OriginUnavailable`: 429/5xx/SlowDown,
 resets, short bodies, timeouts) are retried up to ``retries`` times per chunk
-with exponential backoff and full jitter; a chunk whose bytes fail their hash
-is re-fetched up to ``hash_retries`` times, then :class:`HashMismatch` names
-the file and the chunk. Time and randomness come from an injectable clock and
-RNG so tests observe the schedule without sleeping.
+with exponential backoff and full jitter, each from where the last attempt
+stopped; a chunk whose bytes fail their hash is re-fetched from its start up to
+``hash_retries`` times, then :class:`HashMismatch` names the file and the
+chunk (a mismatch behind a resumed prefix is first retried once from the start
+without counting: the prefix, not the origin, may be what is wrong). Time and
+randomness come from an injectable clock and RNG so tests observe the schedule
+without sleeping.
+
+Aborting. Every attempt registers an :class:`~weightcache.origin.base.Abort` in
+the Fetcher's :class:`Transfers`. Cancelling a fetch aborts the transfers of
+its chunks, which closes their sockets, so a thread blocked on a stalled origin
+returns at once (cancellation never waits for the read timeout), having synced
+what it wrote. :meth:`Transfers.abort_all` does the same for every transfer of
+every Fetcher sharing it and refuses new ones: the node's stop switch. An
+aborted transfer is never retried or committed; a fetch whose transfer was
+aborted without being cancelled raises :class:`ShuttingDown`. Verified chunks
+and progress records stay in ``partial/`` for the next pull.
+
+Observing: :class:`FetchStats` counts a pull's origin bytes as they arrive
+(thread-safe; read it any time) and, if given ``on_origin_bytes``, calls it on
+the event loop with each increment.
+
+Disk errors from the part file and the logs are :class:`CacheFull` (a full
+disk) or :class:`CacheIOError` naming the path, never a bare ``OSError``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import random
@@ -26,21 +55,42 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 from weightcache.aio import Clock, RealClock, run_all
 from weightcache.config import FetchConfig
-from weightcache.errors import CacheFull, HashMismatch, OriginUnavailable, WeightcacheError
+from weightcache.errors import (
+    HashMismatch,
+    OriginUnavailable,
+    ShuttingDown,
+    WeightcacheError,
+)
 from weightcache.hashing import Hasher, digest_range
 from weightcache.manifest import FileEntry
-from weightcache.origin.base import Origin
+from weightcache.origin.base import Abort, Origin, abort_scope
 from weightcache.retry import backoff_delay
-from weightcache.scheduler import Priority, PrioritySlots
-from weightcache.store import Store
+from weightcache.scheduler import Priority, PrioritySlots, Urgency
+from weightcache.store import Store, disk_errors
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: default :attr:`Fetcher.checkpoint_bytes`: at most this much of each chunk in
+#: flight is lost to a ``kill -9`` (8 transfers: 8 MiB, where 16 MiB chunks lost 128)
+CHECKPOINT_BYTES = 1 << 20
+_PREFIX_BLOCK = 4 << 20
+#: origin bytes a transfer thread gathers before it posts them to ``on_origin_bytes``
+_NOTIFY_BYTES = 256 << 10
+
+
+class RateLimiter(Protocol):
+    """A byte rate shared by the reads it is given to (this module's TokenBucket,
+    or the node-wide one of :mod:`weightcache.limits`)."""
+
+    async def acquire(self, n: int) -> None:
+        """Wait until ``n`` more bytes may be read."""
 
 
 class TokenBucket:
@@ -75,14 +125,25 @@ class TokenBucket:
 
 @dataclass
 class FetchStats:
-    """Counters of one pull, shared by every blob fetch of it."""
+    """Counters of one pull, shared by every blob fetch of it.
+
+    Transfer threads add to the counters as bytes arrive, under a lock; reading
+    one (``stats.origin_bytes``) from any thread gives the bytes so far.
+    ``on_origin_bytes``, when set, is called on the event loop that runs the
+    fetch with each increment of ``origin_bytes`` (a transfer posts what it has
+    received every 256 KiB and when it ends), in arrival order and before the
+    fetch returns: a live counter (a metric, a pull's status) without polling.
+    """
 
     origin_bytes: int = 0
     requests: int = 0
     retries: int = 0
     hash_failures: int = 0
+    #: bytes of the blob found on disk and verified: recorded chunks, and the
+    #: synced prefixes of chunks a previous puller was in the middle of
     resumed_bytes: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    on_origin_bytes: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:
         with self._lock:
@@ -90,12 +151,85 @@ class FetchStats:
                 setattr(self, name, getattr(self, name) + value)
 
 
+class Transfers:
+    """The origin transfers in flight, so that the event loop can unblock them.
+
+    One per node, shared by every :class:`Fetcher` of it (``Fetcher(...,
+    transfers=node_transfers)``); a Fetcher made without one has its own.
+    Thread-safe; :meth:`abort_all` never blocks, so it can be called from the
+    event loop.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: set[Abort] = set()
+        self._closed = False
+
+    @property
+    def active(self) -> int:
+        """Transfers registered and not yet finished."""
+        with self._lock:
+            return len(self._live)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`abort_all` ran: no new transfer starts."""
+        return self._closed
+
+    def start(self) -> Abort:
+        """Register a transfer about to start; :class:`ShuttingDown` after :meth:`abort_all`."""
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown(
+                    "the node is stopping: no new origin transfers",
+                    hint="the pull resumes from its verified chunks when asked again",
+                )
+            abort = Abort()
+            self._live.add(abort)
+            return abort
+
+    def finish(self, abort: Abort) -> None:
+        with self._lock:
+            self._live.discard(abort)
+
+    def abort_all(self) -> int:
+        """Abort every transfer in flight and refuse new ones; returns how many were aborted.
+
+        Each transfer's socket is shut down, so its thread returns within
+        moments even from a stalled origin, after syncing what it wrote; its
+        fetch raises :class:`ShuttingDown` (or its cancellation, if it was
+        cancelled). Await the fetches (or the executor) to know the threads
+        are done.
+        """
+        with self._lock:
+            self._closed = True
+            live = list(self._live)
+        for abort in live:
+            abort.abort()
+        if live:
+            log.info("fetch.abort_all transfers=%d", len(live))
+        return len(live)
+
+
 ProgressFn = Callable[[int], None]
 
 
 class _ChunkHashMismatch(Exception):
-    def __init__(self, actual: str) -> None:
+    def __init__(self, actual: str, *, resumed: bool) -> None:
         self.actual = actual
+        self.resumed = resumed
+
+
+class _Interrupted(Exception):
+    """A transient origin fault after ``written`` bytes of the chunk were in the part file."""
+
+    def __init__(self, error: OriginUnavailable, written: int) -> None:
+        self.error = error
+        self.written = written
+
+
+class _Aborted(Exception):
+    """The transfer's Abort was set: a cancellation, never an origin fault."""
 
 
 @dataclass
@@ -107,13 +241,18 @@ class Fetcher:
     executor: Executor
     clock: Clock = field(default_factory=RealClock)
     rng: random.Random = field(default_factory=random.Random)
-    limiter: TokenBucket | None = None
+    limiter: RateLimiter | None = None
     slots: PrioritySlots | None = None
-    priority: Priority = Priority.WORKER
+    priority: Priority | Urgency = Priority.WORKER
+    transfers: Transfers = field(default_factory=Transfers)
+    #: a transfer syncs the part file and records its progress every this many bytes
+    checkpoint_bytes: int = CHECKPOINT_BYTES
 
     def __post_init__(self) -> None:
         if self.slots is None:
             self.slots = PrioritySlots(self.policy.concurrency)
+        if self.checkpoint_bytes < 1:
+            raise ValueError("checkpoint_bytes must be positive")
 
     async def _hop(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -129,18 +268,24 @@ class Fetcher:
         """Download ``entry`` into ``blobs/``. The caller holds the blob's lock."""
         digest = entry.blake3
         await self._hop(self.store.open_part, digest, entry.size)
-        done = await self._hop(self._verified_chunks, entry)
+        done, started = await self._hop(self._resume_state, entry)
         if done:
             resumed = sum(entry.chunk_range(i)[1] for i in done)
             stats.add(resumed_bytes=resumed)
             if on_bytes:
                 on_bytes(resumed)
+        if done or started:
             log.info(
-                "fetch.resumed blob=%s chunks=%d/%d", digest[:16], len(done), len(entry.chunks)
+                "fetch.resumed blob=%s chunks=%d/%d partial_chunks=%d partial_bytes=%d",
+                digest[:16],
+                len(done),
+                len(entry.chunks),
+                len(started),
+                sum(started.values()),
             )
         todo = [i for i in range(len(entry.chunks)) if i not in done]
         for _round in range(2):
-            await self._fetch_chunks(origin, key, entry, todo, stats, on_bytes)
+            await self._fetch_chunks(origin, key, entry, todo, stats, on_bytes, started)
             try:
                 await self._hop(self.store.commit_blob, digest, entry.size)
                 return
@@ -150,6 +295,7 @@ class Fetcher:
                 # is inconsistent. Re-check each chunk and fetch the bad ones once.
                 good = await self._hop(self._verified_chunks, entry, True)
                 todo = [i for i in range(len(entry.chunks)) if i not in good]
+                started = {}
                 if not todo:
                     break
         raise HashMismatch(
@@ -160,6 +306,18 @@ class Fetcher:
             expected=digest,
         )
 
+    def _resume_state(self, entry: FileEntry) -> tuple[set[int], dict[int, int]]:
+        """Verified chunks, and bytes recorded as written into the others (worker thread)."""
+        done = self._verified_chunks(entry)
+        started = {
+            index: written
+            for index, written in self.store.read_progress(entry.blake3).items()
+            if index < len(entry.chunks)
+            and index not in done
+            and 0 < written <= entry.chunk_range(index)[1]
+        }
+        return done, started
+
     def _verified_chunks(self, entry: FileEntry, check_all: bool = False) -> set[int]:
         """Chunks already in the part file with the right hash (runs in a worker thread)."""
         claimed = (
@@ -169,13 +327,14 @@ class Fetcher:
         if not claimed:
             return set()
         part = self.store.partial_paths(entry.blake3).part
-        fd = os.open(part, os.O_RDONLY)
-        try:
-            good = {
-                i for i in claimed if digest_range(fd, *entry.chunk_range(i)) == entry.chunks[i]
-            }
-        finally:
-            os.close(fd)
+        with disk_errors(part, "re-hashing chunks of"):
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                good = {
+                    i for i in claimed if digest_range(fd, *entry.chunk_range(i)) == entry.chunks[i]
+                }
+            finally:
+                os.close(fd)
         if good != claimed:
             self.store.reset_chunk_log(entry.blake3, good)
         return good
@@ -188,12 +347,15 @@ class Fetcher:
         todo: list[int],
         stats: FetchStats,
         on_bytes: ProgressFn | None,
+        started: dict[int, int],
     ) -> None:
         if not todo:
             return
-        stop = threading.Event()
         await run_all(
-            [self._chunk(origin, key, entry, index, stats, on_bytes, stop) for index in todo]
+            [
+                self._chunk(origin, key, entry, index, stats, on_bytes, started.get(index, 0))
+                for index in todo
+            ]
         )
 
     async def _chunk(
@@ -204,18 +366,25 @@ class Fetcher:
         index: int,
         stats: FetchStats,
         on_bytes: ProgressFn | None,
-        stop: threading.Event,
+        recorded: int,
     ) -> None:
         offset, length = entry.chunk_range(index)
         expected = entry.chunks[index]
         transient = 0
         corrupt = 0
+        #: bytes of this chunk already in the part file: the next attempt starts there
+        kept = recorded
+        #: of which a previous puller left (counted as resumed once verified)
+        inherited = recorded
+        forgave = False
         assert self.slots is not None
+        loop = asyncio.get_running_loop()
+        notify = _notifier(loop, stats.on_origin_bytes)
         while True:
             async with self.slots.slot(self.priority):
                 if self.limiter is not None:
-                    await self.limiter.acquire(length)
-                loop = asyncio.get_running_loop()
+                    await self.limiter.acquire(length - kept)
+                abort = self.transfers.start()
                 job = loop.run_in_executor(
                     self.executor,
                     self._transfer,
@@ -223,34 +392,61 @@ class Fetcher:
                     key,
                     entry,
                     index,
-                    offset,
-                    length,
+                    kept,
                     stats,
-                    stop,
+                    abort,
+                    notify,
                 )
                 try:
-                    error: Exception | None = None
+                    error: OriginUnavailable | _ChunkHashMismatch
                     try:
                         await asyncio.shield(job)
+                        if inherited:
+                            stats.add(resumed_bytes=inherited)
                         if on_bytes:
                             on_bytes(length)
                         return
-                    except (OriginUnavailable, _ChunkHashMismatch) as exc:
+                    except _Interrupted as exc:
+                        error, kept = exc.error, exc.written
+                    except _ChunkHashMismatch as exc:
                         error = exc
+                    except _Aborted:
+                        raise ShuttingDown(
+                            f"the fetch of {entry.path} was aborted: the node is stopping",
+                            hint="verified chunks and synced progress are kept; "
+                            "the pull resumes from them when asked again",
+                            path=entry.path,
+                            chunk=index,
+                        ) from None
                     except WeightcacheError as exc:
                         # Not retryable (not found, denied, disk full): name what failed.
                         exc.facts.setdefault("path", entry.path)
                         exc.facts.setdefault("chunk", index)
                         raise
                 except asyncio.CancelledError:
-                    # The worker thread cannot be interrupted: tell it to stop and
-                    # wait, so no thread writes into the part file after we return.
-                    stop.set()
+                    # Close the transfer's socket so that its thread returns now even
+                    # from a stalled origin, and wait for it: no thread writes into
+                    # the part file after we return.
+                    abort.abort()
                     await asyncio.wait([job])
                     raise
+                finally:
+                    self.transfers.finish(abort)
             if isinstance(error, _ChunkHashMismatch):
-                corrupt += 1
                 stats.add(hash_failures=1)
+                kept = inherited = 0
+                if error.resumed and not forgave:
+                    # The prefix came from the part file (a progress record, or the
+                    # last attempt): it may be what is wrong, not the origin. Once
+                    # per chunk, start over without counting it against the origin,
+                    # and say so on disk so a kill now does not resume it again.
+                    forgave = True
+                    log.warning(
+                        "fetch.resume_mismatch key=%s chunk=%d actual=%s", key, index, error.actual
+                    )
+                    await self._hop(self.store.record_progress, entry.blake3, index, 0)
+                    continue
+                corrupt += 1
                 log.warning("fetch.chunk_mismatch key=%s chunk=%d attempt=%d", key, index, corrupt)
                 if corrupt > self.policy.hash_retries:
                     raise HashMismatch(
@@ -265,7 +461,6 @@ class Fetcher:
                         actual=error.actual,
                     )
                 continue  # a corrupt body is not a busy origin: re-fetch at once
-            assert isinstance(error, OriginUnavailable)
             if transient >= self.policy.retries:
                 raise OriginUnavailable(
                     f"{error.message}; gave up on chunk {index} of {entry.path} "
@@ -281,11 +476,12 @@ class Fetcher:
             transient += 1
             stats.add(retries=1)
             log.info(
-                "fetch.retry key=%s chunk=%d attempt=%d delay_s=%.3f reason=%s",
+                "fetch.retry key=%s chunk=%d attempt=%d delay_s=%.3f from_byte=%d reason=%s",
                 key,
                 index,
                 transient,
                 delay,
+                kept,
                 error.message,
             )
             await self.clock.sleep(delay)
@@ -296,43 +492,107 @@ class Fetcher:
         key: str,
         entry: FileEntry,
         index: int,
-        offset: int,
-        length: int,
+        start: int,
         stats: FetchStats,
-        stop: threading.Event,
+        abort: Abort,
+        notify: ProgressFn | None,
     ) -> None:
-        """Worker thread: stream one range, hash as it arrives, write in place."""
+        """Worker thread: hash the chunk's first ``start`` bytes from the part file,
+        stream the rest from the origin behind them, write in place, checkpoint."""
+        offset, length = entry.chunk_range(index)
         part = self.store.partial_paths(entry.blake3).part
         hasher = Hasher()
-        received = 0
-        stats.add(requests=1)
-        fd = os.open(part, os.O_WRONLY)
+        written = start  # bytes of the chunk in the part file, from its start
+        synced = start  # of which a progress record covers
+        unreported = 0  # origin bytes not yet posted to ``notify``
+        with disk_errors(part, "opening part file"):
+            fd = os.open(part, os.O_RDWR)
         try:
-            with origin.open_range(key, offset, length) as pieces:
-                for piece in pieces:
-                    if stop.is_set():
-                        raise OriginUnavailable("fetch cancelled")
-                    take = piece[: length - received]
-                    hasher.update(take)
-                    try:
-                        os.pwrite(fd, take, offset + received)
-                    except OSError as exc:
-                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                            raise CacheFull(
-                                f"disk full writing {entry.path}", needed_bytes=length
-                            ) from exc
-                        raise
-                    received += len(take)
-                    stats.add(origin_bytes=len(piece))
-                    if received >= length:
-                        break
+            if start:
+                with disk_errors(part, "re-reading part file"):
+                    _hash_prefix(fd, offset, start, hasher)
+            if written < length:
+                stats.add(requests=1)
+                try:
+                    with (
+                        abort_scope(abort),
+                        origin.open_range(key, offset + start, length - start) as pieces,
+                    ):
+                        for piece in pieces:
+                            if abort.aborted:
+                                raise _Aborted
+                            take = piece[: length - written]
+                            hasher.update(take)
+                            with disk_errors(part, "writing part file", needed_bytes=length):
+                                os.pwrite(fd, take, offset + written)
+                            written += len(take)
+                            stats.add(origin_bytes=len(piece))
+                            unreported += len(piece)
+                            if notify is not None and unreported >= _NOTIFY_BYTES:
+                                notify(unreported)
+                                unreported = 0
+                            if written >= length:
+                                break
+                            if written - synced >= self.checkpoint_bytes:
+                                self._checkpoint(fd, part, entry.blake3, index, written)
+                                synced = written
+                except Exception as exc:
+                    stopped = abort.aborted or isinstance(exc, _Aborted)
+                    if not (stopped or isinstance(exc, OriginUnavailable)):
+                        raise  # not retryable (denied, not found, a bad range, the disk)
+                    if written > synced:
+                        # Keep what arrived for the next attempt, here or after a restart.
+                        self._checkpoint(fd, part, entry.blake3, index, written)
+                    if stopped:
+                        raise _Aborted from exc
+                    assert isinstance(exc, OriginUnavailable)
+                    raise _Interrupted(exc, written) from exc
+                if written < length:
+                    raise _Interrupted(
+                        OriginUnavailable(
+                            f"{origin.name}/{key}: body ended after {written - start} "
+                            f"of {length - start} bytes"
+                        ),
+                        written,
+                    )
         finally:
             os.close(fd)
-        if received < length:
-            raise OriginUnavailable(
-                f"{origin.name}/{key}: body ended after {received} of {length} bytes"
-            )
+            if notify is not None and unreported:
+                notify(unreported)
         actual = hasher.hexdigest()
         if actual != entry.chunks[index]:
-            raise _ChunkHashMismatch(actual)
+            raise _ChunkHashMismatch(actual, resumed=start > 0)
         self.store.record_chunk(entry.blake3, index)
+
+    def _checkpoint(self, fd: int, part: Path, digest: str, index: int, written: int) -> None:
+        # Data first, then the record: a record on disk never claims bytes that are
+        # not. The record itself is not synced: losing it only loses progress.
+        with disk_errors(part, "syncing part file"):
+            os.fdatasync(fd)
+        self.store.record_progress(digest, index, written)
+
+
+def _hash_prefix(fd: int, offset: int, length: int, hasher: Hasher) -> None:
+    done = 0
+    while done < length:
+        piece = os.pread(fd, min(_PREFIX_BLOCK, length - done), offset + done)
+        if not piece:
+            return  # a short part file: the chunk's hash will not match
+        hasher.update(piece)
+        done += len(piece)
+
+
+def _notifier(
+    loop: asyncio.AbstractEventLoop, callback: Callable[[int], None] | None
+) -> ProgressFn | None:
+    """``callback`` posted to ``loop`` from a transfer thread (None if there is none)."""
+    if callback is None:
+        return None
+
+    def post(n: int) -> None:
+        try:
+            loop.call_soon_threadsafe(callback, n)
+        except RuntimeError:
+            return  # the loop is closed: nobody is left to observe
+
+    return post

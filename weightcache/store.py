@@ -270,10 +270,13 @@ class Store:
                 os.close(fd)
             os.chmod(paths.part, 0o444)
             os.replace(paths.part, target)
+            # The hints go at once, not after the directory fsync: a kill in between
+            # would leave them behind a committed blob (harmless, but never removed).
+            # Failing to remove them is no reason to fail a committed blob.
+            for leftover in (paths.chunks, paths.progress):
+                with suppress(OSError):
+                    os.unlink(leftover)
             fsync_dir(self.blobs)
-        for leftover in (paths.chunks, paths.progress):
-            with suppress(OSError):  # the blob is committed; a stray hint is harmless
-                os.unlink(leftover)
         return target
 
     def iter_blobs(self) -> Iterator[tuple[str, int]]:

@@ -7,18 +7,23 @@ claims, for every fault:
 
 * transient faults are retried a bounded number of times, spaced by full-jitter
   backoff, and the load completes bitwise correct with the origin sending about
-  the model once;
+  the model once (a body cut short is resumed from the byte it reached);
 * persistent faults end in the specific typed error after exactly the
   configured number of attempts;
 * no unverified byte ever reaches ``blobs/`` or ``snapshots/``, and a model
-  already cached keeps loading.
+  already cached keeps loading;
+* transfers stalled on the origin are unblocked by an abort or a cancellation
+  within a second, whatever the read timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +39,18 @@ from weightcache.errors import (
     HashMismatch,
     ObjectNotFound,
     OriginDenied,
+    OriginRangeInvalid,
     OriginUnavailable,
+    ShuttingDown,
     WeightcacheError,
 )
+from weightcache.fetch import Fetcher, FetchStats, Transfers
 from weightcache.hashing import digest_file
-from weightcache.manifest import MANIFEST_NAME
+from weightcache.manifest import MANIFEST_NAME, parse
+from weightcache.origin.s3 import S3Origin
 from weightcache.publish import publish
 from weightcache.refs import parse_ref
+from weightcache.store import Store
 
 MiB = 1 << 20
 BACKOFF_BASE_S = 0.05
@@ -51,6 +61,8 @@ SLACK_S = 0.25
 SHARD = "model-00001-of-00002.safetensors"
 FAULTY_CHUNK = 1
 FAULTY_START = FAULTY_CHUNK * MiB
+#: every request for some part of the faulty chunk: the first, and retries resuming it
+IN_CHUNK = range(FAULTY_START, FAULTY_START + MiB)
 
 
 @dataclass
@@ -92,7 +104,9 @@ def scene(s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     good = publish(tmp_path / "good", parse_ref(good_ref), cfg)
     manifest = s3.minio.stat_object(s3.bucket, f"org/m/{MANIFEST_NAME}").size
 
-    with FaultProxy(s3.env["AWS_ENDPOINT_URL"]) as proxy:
+    credentials = (s3.env["AWS_ACCESS_KEY_ID"], s3.env["AWS_SECRET_ACCESS_KEY"])
+    region = s3.env.get("AWS_REGION", "us-east-1")
+    with FaultProxy(s3.env["AWS_ENDPOINT_URL"], credentials=credentials, region=region) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         monkeypatch.setenv("WEIGHTCACHE_FETCH_BACKOFF_BASE_S", str(BACKOFF_BASE_S))
         monkeypatch.setenv("WEIGHTCACHE_FETCH_BACKOFF_MAX_S", str(BACKOFF_MAX_S))
@@ -115,7 +129,7 @@ def scene(s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         )
 
 
-def attempts(scene: Scene, range_start: int | None = FAULTY_START) -> list[Record]:
+def attempts(scene: Scene, range_start: int | range | None = FAULTY_START) -> list[Record]:
     scene.proxy.wait_idle()
     return sorted(scene.proxy.requests_for(scene.key, range_start), key=lambda r: r.time)
 
@@ -155,13 +169,21 @@ def assert_good_model_still_loads(scene: Scene) -> None:
 
 # -- transient faults: the load completes ----------------------------------------------
 
+# A cut body is resumed from the byte it reached, so a rule that cuts bodies
+# matches every request inside the chunk (IN_CHUNK), not only those from its start.
 TRANSIENT: dict[str, tuple[dict[str, Any], int]] = {
     "503-slowdown-x2": ({"fault": "503", "times": 2}, 3),
     "429-x2": ({"fault": "429", "times": 2}, 3),
     "500-x1": ({"fault": "500", "times": 1}, 2),
-    "reset-mid-body-x2": ({"fault": "reset", "after_bytes": 300_000, "times": 2}, 3),
+    "reset-mid-body-x2": (
+        {"fault": "reset", "after_bytes": 300_000, "times": 2, "range_start": IN_CHUNK},
+        3,
+    ),
     "reset-before-response-x1": ({"fault": "reset", "times": 1}, 2),
-    "truncate-x2": ({"fault": "truncate", "after_bytes": 700_001, "times": 2}, 3),
+    "truncate-x2": (
+        {"fault": "truncate", "after_bytes": 300_001, "times": 2, "range_start": IN_CHUNK},
+        3,
+    ),
 }
 
 
@@ -170,29 +192,44 @@ def test_transient_fault_is_retried_with_backoff_and_the_load_is_bitwise(
     scene: Scene, case: str
 ) -> None:
     rule, expected_attempts = TRANSIENT[case]
-    applied = scene.proxy.add_rule(scene.key, range_start=FAULTY_START, **rule)
+    applied = scene.proxy.add_rule(scene.key, **{"range_start": FAULTY_START, **rule})
+    cut = rule["fault"] in ("reset", "truncate") and "after_bytes" in rule
     before = scene.s3.sent_bytes()
 
     got, report = weightcache.load_with_report(scene.ref)
 
     assert_bitwise_equal(got, scene.want)
-    tries = attempts(scene)
+    tries = attempts(scene, IN_CHUNK)
     assert len(tries) == expected_attempts and applied.applied == expected_attempts - 1
     assert [r.fault is not None for r in tries] == [True] * (expected_attempts - 1) + [False]
-    assert tries[-1].status == 206 and tries[-1].bytes_sent == MiB
+    assert tries[0].range_start == FAULTY_START and tries[-1].status == 206
+    # The last attempt brought the chunk to its end ...
+    last = tries[-1]
+    assert last.range_start is not None and last.range_start + last.bytes_sent == 2 * MiB
+    if cut:
+        # ... and each retry asked only for what had not arrived.
+        starts = [r.range_start or 0 for r in tries]
+        assert starts == sorted(starts) and starts[-1] > FAULTY_START
+        if rule["fault"] == "truncate":  # a FIN loses nothing on the way: not a byte twice
+            assert [r.bytes_sent for r in tries[:-1]] == [rule["after_bytes"]] * 2
+            assert starts == [FAULTY_START + i * rule["after_bytes"] for i in range(3)]
+    else:
+        assert last.bytes_sent == MiB
     assert_backoff_spacing(tries)
     # Every other chunk of the shard was asked for once.
     assert len(attempts(scene, None)) == 4 + expected_attempts - 1
 
     sent = scene.s3.sent_bytes() - before
     floor = scene.model_bytes + scene.manifest_bytes
-    if rule["fault"] in ("reset", "truncate") and "after_bytes" in rule:
-        # The origin sent some of each cut chunk (up to all of it, into socket buffers).
+    if cut:
+        # The origin sent what arrived and was kept, and some bytes that were still
+        # in socket buffers at each cut; never a whole chunk again.
         assert floor < sent <= floor + rule["times"] * MiB
     else:
         # Status faults and a reset before the response never reach the origin.
         assert sent == floor
-    assert report.origin_bytes >= scene.model_bytes
+    # Every byte that reached weightcache was used: nothing was fetched twice.
+    assert report.origin_bytes == scene.model_bytes
     assert_cache_clean(scene, revisions={scene.good_revision, report.revision})
 
 
@@ -319,12 +356,16 @@ def test_stall_longer_than_the_read_timeout_gives_origin_unavailable(
 ) -> None:
     monkeypatch.setenv("WEIGHTCACHE_FETCH_READ_TIMEOUT_S", "0.5")
     monkeypatch.setenv("WEIGHTCACHE_FETCH_RETRIES", "2")
+    # Every attempt stalls, including the retries that resume after the first 200 KB.
     scene.proxy.add_rule(
-        scene.key, "stall", range_start=FAULTY_START, seconds=30, after_bytes=after_bytes
+        scene.key, "stall", range_start=IN_CHUNK, seconds=30, after_bytes=after_bytes
     )
     exc = expect_failure(scene, OriginUnavailable, "origin_unavailable")
     assert exc.facts["chunk"] == FAULTY_CHUNK and exc.facts["attempts"] == 3
-    tries = attempts(scene)
+    tries = attempts(scene, IN_CHUNK)
+    assert [r.range_start for r in tries] == [
+        FAULTY_START + i * (after_bytes or 0) for i in range(3)
+    ]
     assert len(tries) == 3 and all(r.outcome == "client_gone" for r in tries)
     assert all(r.bytes_sent == (after_bytes or 0) for r in tries)
     # The client gave up on each attempt at its 0.5 s read timeout: not at once, and
@@ -347,8 +388,111 @@ def test_object_deleted_after_publishing_gives_object_not_found(scene: Scene) ->
     scene.s3.minio.remove_object(scene.s3.bucket, f"org/m/{SHARD}")
     exc = expect_failure(scene, ObjectNotFound, "object_not_found")
     assert SHARD in str(exc)
-    # Not retried: each chunk asked once, each answered 404 by the real origin.
+    # Not retried: each chunk asked once. The first 404 cancels the other chunks,
+    # whose requests are cut off (no status) if their answer had not come yet.
     tries = attempts(scene, None)
-    assert 1 <= len(tries) <= 4 and all(r.status == 404 for r in tries)
+    assert 1 <= len(tries) <= 4 and any(r.status == 404 for r in tries)
+    assert all(r.status in (404, None) for r in tries)
     assert len({r.range_start for r in tries}) == len(tries)
     assert_good_model_still_loads(scene)
+
+
+@pytest.mark.parametrize("range_start", [0, FAULTY_START], ids=["first-chunk", "later-chunk"])
+def test_origin_that_ignores_range_gives_origin_range_invalid(
+    scene: Scene, range_start: int
+) -> None:
+    # The origin answers a ranged GET of the shard with 200 and the whole object.
+    # Before any byte is used this is a typed, non-retryable error, not a changed
+    # object (a later chunk would not hash) nor, for the first chunk, a success
+    # that downloads the whole object for every chunk.
+    scene.proxy.add_rule(scene.key, "ignore_range", range_start=range_start)
+    exc = expect_failure(scene, OriginRangeInvalid, "origin_range_invalid")
+    assert not exc.retryable and exc.http_status == 502
+    assert exc.facts["path"] == SHARD and exc.facts["chunk"] == range_start // MiB
+    assert exc.facts["offset"] == range_start and exc.facts["length"] == MiB
+    assert "answered 200" in str(exc) and "ignores Range" in str(exc) and exc.hint
+    tries = attempts(scene, range_start)
+    assert len(tries) == 1 and tries[0].status == 200 and tries[0].fault == "ignore_range"
+    assert_good_model_still_loads(scene)
+
+
+def shard_entry(scene: Scene) -> Any:
+    raw = scene.s3.minio.get_object(scene.s3.bucket, f"org/m/{MANIFEST_NAME}")
+    try:
+        manifest = parse(raw.read())[0]
+    finally:
+        raw.close()
+        raw.release_conn()
+    return next(f for f in manifest.files if f.path == SHARD)
+
+
+@pytest.mark.parametrize("stop", ["abort_all", "cancel"])
+@pytest.mark.parametrize("after_bytes", [None, 200_000], ids=["before-response", "mid-body"])
+def test_stalled_transfers_are_unblocked_at_once_by_abort_or_cancel(
+    scene: Scene, tmp_path: Path, stop: str, after_bytes: int | None
+) -> None:
+    # Every GET of the shard stalls for 30 s; the read timeout is 60 s. Without a
+    # way to close the sockets, the fetch would hang on its threads for 30 s.
+    scene.proxy.add_rule(scene.key, "stall", seconds=30, after_bytes=after_bytes)
+    entry = shard_entry(scene)
+    cfg = load_config()
+    assert cfg.fetch.read_timeout_s >= 30
+    store = Store(tmp_path / "cache")
+    store.ensure_layout()
+    origin = S3Origin(scene.s3.bucket, cfg.s3, read_timeout_s=cfg.fetch.read_timeout_s)
+    transfers = Transfers()
+    stats = FetchStats()
+    chunks = len(entry.chunks)
+
+    def stalled() -> int:
+        return sum(
+            1
+            for r in scene.proxy.requests_for(scene.key)
+            if r.end is None and r.bytes_sent == (after_bytes or 0)
+        )
+
+    async def main() -> tuple[BaseException | None, float]:
+        pool = ThreadPoolExecutor(8)
+        try:
+            fetcher = Fetcher(store=store, policy=cfg.fetch, executor=pool, transfers=transfers)
+            task = asyncio.create_task(fetcher.fetch(origin, f"org/m/{SHARD}", entry, stats))
+            deadline = time.monotonic() + 20
+            # Every chunk's GET is stalled, and what came before the stall has arrived.
+            while (
+                stalled() < chunks
+                or transfers.active < chunks
+                or stats.origin_bytes < chunks * (after_bytes or 0)
+            ):
+                assert time.monotonic() < deadline and not task.done(), scene.proxy.log
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            if stop == "cancel":
+                task.cancel()
+            else:
+                assert transfers.abort_all() == chunks
+            raised: BaseException | None = None
+            try:
+                await asyncio.wait_for(task, 10)
+            except (asyncio.CancelledError, ShuttingDown) as exc:
+                raised = exc
+            # Every transfer thread is done, not only the coroutines.
+            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
+            return raised, time.monotonic() - started
+        finally:
+            pool.shutdown(wait=False)
+            origin.close()
+
+    raised, took = asyncio.run(main())
+    expected = asyncio.CancelledError if stop == "cancel" else ShuttingDown
+    assert isinstance(raised, expected)
+    assert took < 1.0, f"{stop} took {took:.2f}s to unblock {chunks} stalled transfers"
+    assert transfers.active == 0
+    assert os.listdir(store.blobs) == []
+    # The proxy saw each client go away, long before the stall would have ended.
+    scene.proxy.wait_idle()
+    tries = scene.proxy.requests_for(scene.key)
+    assert len(tries) == chunks and all(r.outcome == "client_gone" for r in tries)
+    assert all(r.end is not None and r.end - r.time < 20 for r in tries)
+    if after_bytes:
+        # What arrived before the stall was synced and recorded for the next pull.
+        assert set(store.read_progress(entry.blake3).values()) == {after_bytes}

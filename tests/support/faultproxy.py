@@ -7,27 +7,47 @@ and ``Host`` (SigV4 signs the Host header, so the client's value is kept), and
 the body; responses stream back unchanged. Rules then break chosen requests in
 the ways an object store breaks in production:
 
-==============  ==================================================================
-``"503"``       503 with an S3 ``SlowDown`` XML body (the origin is never asked)
-``"429"``       429 ``TooManyRequests`` (R2/GCS-style throttling)
-``"500"``       500 ``InternalError``
-``"403"``       403 ``AccessDenied``
-``"reset"``     the connection is reset (RST) after ``after_bytes`` body bytes, or
-                before any response when ``after_bytes`` is None
-``"truncate"``  the full ``Content-Length`` is sent, then the body ends (FIN) after
-                ``after_bytes`` bytes
-``"flip"``      the byte at ``offset`` of the body is XOR-ed with 0xFF
-``"stall"``     nothing for ``seconds`` before the response (``after_bytes`` None),
-                or after ``after_bytes`` body bytes
-``"throttle"``  the body is sent at ``bytes_per_s``
-==============  ==================================================================
+==================  ==================================================================
+``"503"``           503 with an S3 ``SlowDown`` XML body (the origin is never asked)
+``"429"``           429 ``TooManyRequests`` (R2/GCS-style throttling)
+``"500"``           500 ``InternalError``
+``"403"``           403 ``AccessDenied``
+``"reset"``         the connection is reset (RST) after ``after_bytes`` body bytes, or
+                    before any response when ``after_bytes`` is None
+``"truncate"``      the full ``Content-Length`` is sent, then the body ends (FIN) after
+                    ``after_bytes`` bytes
+``"flip"``          the byte at ``offset`` of the body is XOR-ed with 0xFF
+``"stall"``         nothing for ``seconds`` before the response (``after_bytes`` None),
+                    or after ``after_bytes`` body bytes
+``"throttle"``      the body is sent at ``bytes_per_s``
+``"pace"``          a GET's body is sent at ``bytes_per_s`` by an origin that is asked
+                    for it ``piece_bytes`` at a time, just before they are due: the
+                    origin's byte counter runs at most one piece ahead of the client
+                    (with ``"throttle"`` the origin fills its socket send buffer, which
+                    Linux grows to 4 MiB, ahead of a slow reader, and counts it as sent)
+``"ignore_range"``  a GET is answered ``200`` with the whole object, ``Range`` ignored, as
+                    some proxies and CDNs do (RFC 9110 allows it)
+
+``"pace"`` and ``"ignore_range"`` make requests of their own, which they sign with the
+``credentials`` the proxy was given (a signed request cannot lose or change its
+``Range`` header on the way: SigV4 signs it).
+==================  ==================================================================
 
 A rule picks requests by a substring or regex of the path, the method, the
-first byte of the ``Range`` header, or the proxy's request numbers, and fires
+first byte of the ``Range`` header (one, or a ``range`` of them: every request
+for some part of a chunk, such as the retries that resume it), or the proxy's
+request numbers, and fires
 on a schedule: the first ``times`` matching requests, every ``every``-th one,
 or always. Every request is recorded in :attr:`FaultProxy.log` (arrival and
 end on the system-wide monotonic clock, so a subprocess's ``time.monotonic``
 compares with them).
+
+The proxy reads from the origin through a small, fixed socket receive buffer
+(:data:`UPSTREAM_RCVBUF`), so a throttled or stalled body cannot pull megabytes
+from the origin ahead of what the client is sent (Linux would autotune the
+buffer up to ``tcp_rmem``'s maximum, 32 MiB here): the origin's own byte
+counters stay within a few hundred KiB of what the client got, as they would
+with a slow network in between rather than a slow proxy.
 
 The proxy runs its own event loop in a background thread, so synchronous
 tests and subprocesses can use it; the same rules can be set over HTTP under
@@ -53,7 +73,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import urllib3
+from aiohappyeyeballs import AddrInfoType
 from aiohttp import web
+from minio import Minio
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -67,7 +90,9 @@ STATUS_FAULTS: dict[str, tuple[int, str, str]] = {
     "403": (403, "AccessDenied", "Access Denied"),
 }
 STREAM_FAULTS = ("reset", "truncate", "flip", "stall", "throttle")
-FAULTS = (*STATUS_FAULTS, *STREAM_FAULTS)
+#: faults that ask the origin themselves, with requests the proxy signs
+REWRITE_FAULTS = ("pace", "ignore_range")
+FAULTS = (*STATUS_FAULTS, *STREAM_FAULTS, *REWRITE_FAULTS)
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
 _HOP_BY_HOP = frozenset(
@@ -86,6 +111,8 @@ _HOP_BY_HOP = frozenset(
 # Headers aiohttp's client would invent: a verbatim proxy sends only what the client sent.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _THROTTLE_SLICE = 16 * 1024
+#: SO_RCVBUF of the proxy's connections to the origin (the kernel doubles it)
+UPSTREAM_RCVBUF = 128 * 1024
 _RANGE_START = re.compile(r"^\s*bytes\s*=\s*(\d+)-")
 
 
@@ -97,8 +124,8 @@ class Rule:
     #: a substring of the path, or a compiled regex searched in it; None: every path
     match: str | re.Pattern[str] | None = None
     method: str | None = None
-    #: only requests whose ``Range: bytes=N-`` starts at N
-    range_start: int | None = None
+    #: only requests whose ``Range: bytes=N-`` starts at N (or at any N in a range)
+    range_start: int | range | None = None
     #: only these request numbers (:attr:`Record.seq`, from 1)
     requests: frozenset[int] | None = None
     #: fire on at most this many requests; None: no limit
@@ -109,6 +136,7 @@ class Rule:
     offset: int = 0
     seconds: float = 0.0
     bytes_per_s: int = 0
+    piece_bytes: int = 256 * 1024
     matched: int = 0
     applied: int = 0
 
@@ -125,16 +153,24 @@ class Rule:
             raise ValueError("flip needs offset >= 0")
         if self.fault == "stall" and self.seconds <= 0:
             raise ValueError("stall needs seconds > 0")
-        if self.fault == "throttle" and self.bytes_per_s <= 0:
-            raise ValueError("throttle needs bytes_per_s > 0")
+        if self.fault in ("throttle", "pace") and self.bytes_per_s <= 0:
+            raise ValueError(f"{self.fault} needs bytes_per_s > 0")
+        if self.piece_bytes < 1:
+            raise ValueError("piece_bytes must be >= 1")
 
     def selects(self, seq: int, method: str, path: str, range_start: int | None) -> bool:
         if self.requests is not None and seq not in self.requests:
             return False
         if self.method is not None and self.method.upper() != method:
             return False
-        if self.range_start is not None and self.range_start != range_start:
-            return False
+        if self.range_start is not None:
+            if range_start is None:
+                return False
+            if isinstance(self.range_start, range):
+                if range_start not in self.range_start:
+                    return False
+            elif self.range_start != range_start:
+                return False
         if self.match is None:
             return True
         if isinstance(self.match, re.Pattern):
@@ -210,6 +246,15 @@ def _unacked(sock: Any) -> int:
     return int(struct.unpack("i", raw)[0])
 
 
+def _upstream_socket(addr_info: AddrInfoType) -> socket.socket:
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    # Set before connect, so the window is small from the handshake on, and fixed:
+    # an explicit SO_RCVBUF turns receive-buffer autotuning off for this socket.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UPSTREAM_RCVBUF)
+    return sock
+
+
 def _s3_error_xml(code: str, message: str, resource: str, request_id: str) -> bytes:
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -225,7 +270,14 @@ class _ConnectionKilled(Exception):
 class FaultProxy:
     """The proxy; use as a context manager, or call :meth:`start` and :meth:`stop`."""
 
-    def __init__(self, upstream: str, *, shutdown_timeout_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        shutdown_timeout_s: float = 0.25,
+        credentials: tuple[str, str] | None = None,
+        region: str = "us-east-1",
+    ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or parts.hostname not in (LOOPBACK, "localhost"):
             raise ValueError(f"upstream must be http://127.0.0.1:PORT, got {upstream!r}")
@@ -242,6 +294,11 @@ class FaultProxy:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._session: aiohttp.ClientSession | None = None
+        #: (access key, secret key) for the requests the proxy makes itself (ignore_range)
+        self._credentials = credentials
+        self._region = region
+        self._client: Minio | None = None
+        self._client_http: urllib3.PoolManager | None = None
         self.port = 0
 
     # -- the Python API ----------------------------------------------------------------
@@ -259,14 +316,17 @@ class FaultProxy:
         times: int | None = None,
         every: int = 1,
         method: str | None = None,
-        range_start: int | None = None,
+        range_start: int | range | None = None,
         requests: Iterable[int] | None = None,
         after_bytes: int | None = None,
         offset: int = 0,
         seconds: float = 0.0,
         bytes_per_s: int = 0,
+        piece_bytes: int = 256 * 1024,
     ) -> Rule:
         """Break requests from now on; rules are tried in the order they were added."""
+        if fault in REWRITE_FAULTS and self._credentials is None:
+            raise ValueError(f"{fault} needs FaultProxy(..., credentials=(key, secret))")
         rule = Rule(
             fault=fault,
             match=match,
@@ -279,6 +339,7 @@ class FaultProxy:
             offset=offset,
             seconds=seconds,
             bytes_per_s=bytes_per_s,
+            piece_bytes=piece_bytes,
         )
         with self._lock:
             self._rules.append(rule)
@@ -297,12 +358,21 @@ class FaultProxy:
         with self._lock:
             return list(self._log)
 
-    def requests_for(self, match: str, range_start: int | None = None) -> list[Record]:
-        """Records whose path contains ``match`` (and whose range starts at ``range_start``)."""
+    def requests_for(self, match: str, range_start: int | range | None = None) -> list[Record]:
+        """Records whose path contains ``match`` (and whose range starts at ``range_start``,
+        or inside it)."""
         return [
             r
             for r in self.log
-            if match in r.path and (range_start is None or r.range_start == range_start)
+            if match in r.path
+            and (
+                range_start is None
+                or (
+                    r.range_start is not None and r.range_start in range_start
+                    if isinstance(range_start, range)
+                    else r.range_start == range_start
+                )
+            )
         ]
 
     def wait_idle(self, timeout_s: float = 5.0) -> None:
@@ -338,6 +408,8 @@ class FaultProxy:
         if thread.is_alive():
             raise RuntimeError("fault proxy did not stop in 30 s")
         self._thread = None
+        if self._client_http is not None:
+            self._client_http.clear()
         if self._failure is not None:
             raise RuntimeError("fault proxy failed") from self._failure
 
@@ -369,7 +441,9 @@ class FaultProxy:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+        connector = aiohttp.TCPConnector(
+            limit=0, ttl_dns_cache=None, socket_factory=_upstream_socket
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -462,6 +536,10 @@ class FaultProxy:
                 content_type="application/xml",
                 headers={"x-amz-request-id": request_id},
             )
+        if rule is not None and fault == "ignore_range" and request.method == "GET":
+            return await self._whole_object(request, record)
+        if rule is not None and fault == "pace" and request.method == "GET":
+            return await self._paced(request, record, rule)
         if rule is not None and fault == "reset" and rule.after_bytes is None:
             self._kill(request, record, reset=True)
         if rule is not None and fault == "stall" and rule.after_bytes is None:
@@ -492,6 +570,97 @@ class FaultProxy:
             await response.write_eof()
             record.outcome = "ok"
             return response
+
+    async def _whole_object(self, request: web.Request, record: Record) -> web.StreamResponse:
+        """200 with the whole object the path names, whatever ``Range`` asked for."""
+        bucket, _, key = request.path.lstrip("/").partition("/")
+        _, headers, body = await asyncio.get_running_loop().run_in_executor(
+            None, self._get_object, bucket, key, 0, 0
+        )
+        record.status = 200
+        record.bytes_sent = len(body)
+        record.outcome = "ok"
+        return web.Response(
+            status=200,
+            body=body,
+            headers={"ETag": headers.get("ETag", ""), "Accept-Ranges": "bytes"},
+            content_type="application/octet-stream",
+        )
+
+    async def _paced(self, request: web.Request, record: Record, rule: Rule) -> web.StreamResponse:
+        """206 for the asked range, fetched from the origin a piece at a time as it is due."""
+        bucket, _, key = request.path.lstrip("/").partition("/")
+        m = re.match(r"^\s*bytes\s*=\s*(\d+)-(\d*)\s*$", request.headers.get("Range", ""))
+        first = int(m.group(1)) if m else 0
+        last = int(m.group(2)) if m and m.group(2) else None
+        loop = asyncio.get_running_loop()
+
+        def piece_at(pos: int) -> int:
+            stop = pos + rule.piece_bytes if last is None else min(pos + rule.piece_bytes, last + 1)
+            return stop - pos
+
+        _, headers, data = await loop.run_in_executor(
+            None, self._get_object, bucket, key, first, piece_at(first)
+        )
+        total = int(headers.get("Content-Range", "*/0").rsplit("/", 1)[1])
+        end = total - 1 if last is None else min(last, total - 1)
+        response = web.StreamResponse(status=206)
+        response.headers["Content-Range"] = f"bytes {first}-{end}/{total}"
+        response.headers["Content-Length"] = str(end - first + 1)
+        response.headers["Content-Type"] = "application/octet-stream"
+        response.headers["Accept-Ranges"] = "bytes"
+        response.headers["ETag"] = headers.get("ETag", "")
+        await response.prepare(request)
+        record.status = 206
+        started = time.monotonic()
+        pos = first
+        while True:
+            for at in range(0, len(data), _THROTTLE_SLICE):
+                take = data[at : at + _THROTTLE_SLICE]
+                await response.write(take)
+                record.bytes_sent += len(take)
+                ahead = started + record.bytes_sent / rule.bytes_per_s - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            pos += len(data)
+            if pos > end or not data:
+                break
+            _, _, data = await loop.run_in_executor(
+                None, self._get_object, bucket, key, pos, piece_at(pos)
+            )
+        await response.write_eof()
+        record.outcome = "ok"
+        return response
+
+    def _origin_client(self) -> Minio:
+        """A client of the origin with the proxy's credentials (thread-safe, made once)."""
+        with self._lock:
+            if self._client is None:
+                assert self._credentials is not None
+                self._client_http = urllib3.PoolManager(retries=False, maxsize=32)
+                self._client = Minio(
+                    f"{LOOPBACK}:{self.upstream.port}",
+                    access_key=self._credentials[0],
+                    secret_key=self._credentials[1],
+                    secure=False,
+                    region=self._region,
+                    http_client=self._client_http,
+                )
+            return self._client
+
+    def _get_object(
+        self, bucket: str, key: str, offset: int, length: int
+    ) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) of a GET the proxy signs; ``length`` 0: to the end."""
+        resp = self._origin_client().get_object(bucket, key, offset=offset, length=length)
+        try:
+            body = resp.read()
+        except BaseException:
+            resp.close()
+            raise
+        finally:
+            resp.release_conn()  # a body read to its end: the connection is reused
+        return resp.status, dict(resp.headers), body
 
     async def _pump_faulty(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import subprocess
@@ -14,9 +15,9 @@ import pytest
 import weightcache
 from tests.support.origins import FakeClock
 from weightcache.config import load_config
-from weightcache.errors import CacheFull, OriginUnavailable
+from weightcache.embedded import Embedded, ensure_blocking
+from weightcache.errors import CacheFull, CacheIOError, OriginUnavailable
 from weightcache.index import Index
-from weightcache.node import Node, ensure_blocking
 from weightcache.publish import publish
 from weightcache.refs import parse_ref
 from weightcache.store import Store
@@ -67,6 +68,35 @@ def test_cache_full_names_the_numbers_and_writes_nothing(
     assert os.listdir(cache / "blobs") == [] and os.listdir(cache / "partial") == []
 
 
+def test_a_disk_error_while_pulling_is_cache_io_error_and_the_next_pull_completes(
+    tmp_path: Path, model: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref, src = model
+    config = cfg(tmp_path)
+    real = os.pwrite
+    chunk = 64 * 1024
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if len(data) == chunk and offset == 2 * chunk:  # the third chunk of a.bin
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(CacheIOError) as info:
+        ensure_blocking(ref, config)  # type: ignore[arg-type]
+    err = info.value
+    assert err.code == "cache_io_error" and err.http_status == 500 and not err.retryable
+    part = Path(err.facts["path"])
+    assert part.parent == tmp_path / "cache" / "partial" and part.suffix == ".part"
+    assert err.facts["errno"] == "EIO" and err.facts["chunk"] == 2 and err.hint
+    assert str(part) in str(err)
+    assert os.listdir(tmp_path / "cache" / "snapshots") == []
+
+    monkeypatch.setattr(os, "pwrite", real)  # the disk is back
+    result = ensure_blocking(ref, config)  # type: ignore[arg-type]
+    assert (result.snapshot / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
+
+
 def test_budget_is_enforced_before_pulling(tmp_path: Path, model: tuple[str, Path]) -> None:
     ref, _ = model
     with pytest.raises(CacheFull, match="budget"):
@@ -96,7 +126,7 @@ def test_unreachable_origin_is_retried_then_falls_back_to_last_resolved_revision
     clock = FakeClock()
 
     async def attempt() -> Path:
-        node = Node(config, clock=clock)  # type: ignore[arg-type]
+        node = Embedded(config, clock=clock)  # type: ignore[arg-type]
         try:
             return (await node.ensure(str(s3_ref))).snapshot
         finally:

@@ -12,14 +12,26 @@ it talks to. Every adapter keeps this contract:
   :class:`~weightcache.errors.OriginRejected`;
 * ``open_range`` yields exactly the bytes asked for, or raises; a stream that
   ends early raises ``OriginUnavailable`` (callers count bytes all the same);
+  an origin that answers a range with anything else (the whole object, another
+  range) raises :class:`~weightcache.errors.OriginRangeInvalid`, which is not
+  retryable: chunked, resumable pulls cannot work against it;
+* ``open_range`` can be interrupted from another thread: the fetcher runs it
+  inside :func:`abort_scope`, and an adapter that may block (on a socket)
+  registers with :func:`current_abort` something that unblocks it
+  (:meth:`Abort.on_abort`). Contextual, like a trio cancel scope, so an origin
+  that wraps another (a fault injector in tests) passes it through unchanged.
+  After an abort the adapter may raise anything; the fetcher, seeing
+  :attr:`Abort.aborted`, reports a cancellation, not an origin fault;
 * an object written with ``write_*`` is visible whole or not at all;
 * no message or exception carries credentials or signed URLs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +66,74 @@ class Origin(Protocol):
 
     def close(self) -> None:
         """Release connections; the origin is not used afterwards."""
+
+
+class Abort:
+    """The off switch of one transfer, flipped from another thread (the event loop).
+
+    :meth:`abort` sets :attr:`aborted` and calls every unblocker registered with
+    :meth:`on_abort` (an S3 adapter's shuts the socket down, so a ``recv``
+    blocked on a stalled origin returns at once). An unblocker registered after
+    the abort runs at once. Unblockers must not block and may raise ``OSError``
+    (a socket already closed), which is ignored.
+    """
+
+    __slots__ = ("_aborted", "_lock", "_unblockers")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._aborted = False
+        self._unblockers: list[Callable[[], None]] = []
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def on_abort(self, unblock: Callable[[], None]) -> None:
+        """Call ``unblock`` on abort; replaces the previous one (one request at a time)."""
+        with self._lock:
+            if not self._aborted:
+                self._unblockers = [unblock]
+                return
+        _call_quietly(unblock)
+
+    def clear(self) -> None:
+        """Forget the unblockers: the sockets they would shut may go back to a pool."""
+        with self._lock:
+            self._unblockers = []
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            unblockers, self._unblockers = self._unblockers, []
+        for unblock in unblockers:
+            _call_quietly(unblock)
+
+
+def _call_quietly(unblock: Callable[[], None]) -> None:
+    try:
+        unblock()
+    except OSError:
+        return  # the socket was closed meanwhile: nothing left to unblock
+
+
+_CURRENT_ABORT: ContextVar[Abort | None] = ContextVar("weightcache_abort", default=None)
+
+
+def current_abort() -> Abort | None:
+    """The :class:`Abort` of the transfer running in this thread, if any."""
+    return _CURRENT_ABORT.get()
+
+
+@contextmanager
+def abort_scope(abort: Abort) -> Iterator[Abort]:
+    """Run origin calls in this block under ``abort`` (see the module docstring)."""
+    token = _CURRENT_ABORT.set(abort)
+    try:
+        yield abort
+    finally:
+        abort.clear()
+        _CURRENT_ABORT.reset(token)
 
 
 def join_key(prefix: str, path: str) -> str:

@@ -4,12 +4,22 @@ Every minio/urllib3 exception is translated in :func:`_map_errors`, in one
 place, into the origin contract of :mod:`weightcache.origin.base`. The minio
 client's own urllib3 retries are switched off: retries, backoff and jitter are
 the fetch layer's job, where they are bounded, counted and observable.
+
+Aborting: the pool's connections register their socket with the running
+transfer's :class:`~weightcache.origin.base.Abort` just before they wait for a
+response (:class:`_AbortableHTTPConnection`), so an abort from the event loop
+shuts the socket down and a thread blocked on a stalled origin, before the
+response head or in the middle of the body, returns at once. Only a TCP connect
+in progress is not interrupted; ``fetch.connect_timeout_s`` bounds it.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +28,8 @@ from urllib.parse import urlsplit
 
 import certifi
 import urllib3
+import urllib3.connection
+import urllib3.response
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
@@ -26,15 +38,73 @@ from weightcache.errors import (
     ConfigInvalid,
     ObjectNotFound,
     OriginDenied,
+    OriginRangeInvalid,
     OriginRejected,
     OriginUnavailable,
     WeightcacheError,
 )
-from weightcache.origin.base import ObjectInfo
+from weightcache.origin.base import ObjectInfo, current_abort
 
 _PIECE = 1 << 20
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def range_problem(
+    status: int, content_range: str | None, content_length: str | None, offset: int, length: int
+) -> str | None:
+    """Why a response to ``Range: bytes=<offset>-<offset+length-1>`` is not that range.
+
+    None when it is: a 206 whose ``Content-Range`` starts at ``offset`` and ends
+    no later than asked (earlier is a short object, left to the byte count), or
+    a 200 that is the whole object when the whole object, from 0, was asked for
+    (RFC 9110 lets a server ignore ``Range``; then only that case is usable).
+    """
+    asked = f"bytes={offset}-{offset + length - 1}"
+    if status == 200:
+        if offset == 0 and content_length is not None and content_length.strip() == str(length):
+            return None
+        size = f"{content_length} bytes" if content_length is not None else "a body"
+        return f"answered 200 with {size} to Range {asked}: it ignores Range"
+    if status != 206:
+        return f"answered {status} to Range {asked}"
+    m = _CONTENT_RANGE.fullmatch((content_range or "").strip())
+    if m is None:
+        return f"answered 206 with Content-Range {content_range!r} to Range {asked}"
+    first, last = int(m[1]), int(m[2])
+    if first != offset or last < first or last > offset + length - 1:
+        return f"answered Content-Range {content_range} to Range {asked}"
+    return None
+
+
+def _unblock_on_abort(sock: object) -> None:
+    """Let the running transfer's Abort shut ``sock`` down (see the module docstring)."""
+    abort = current_abort()
+    if abort is not None and isinstance(sock, socket.socket):
+        # The plain socket's shutdown, also for a TLS socket: ssl.SSLSocket.shutdown
+        # would drop its SSL object under the thread still reading through it.
+        abort.on_abort(functools.partial(socket.socket.shutdown, sock, socket.SHUT_RDWR))
+
+
+class _AbortableHTTPConnection(urllib3.connection.HTTPConnection):
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        _unblock_on_abort(self.sock)
+        return super().getresponse()
+
+
+class _AbortableHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        _unblock_on_abort(self.sock)
+        return super().getresponse()
+
+
+class _AbortableHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _AbortableHTTPConnection
+
+
+class _AbortableHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _AbortableHTTPSConnection
 
 
 def _classify(status: int, code: str, what: str) -> WeightcacheError:
@@ -90,6 +160,7 @@ class S3Origin:
             cert_reqs="CERT_REQUIRED",
             ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         )
+        http.pool_classes_by_scheme = {"http": _AbortableHTTPPool, "https": _AbortableHTTPSPool}
         self._client = Minio(
             url.netloc,
             access_key=cfg.access_key_id or None,
@@ -127,10 +198,31 @@ class S3Origin:
         what = self._what(key)
         with _map_errors(what):
             resp = self._client.get_object(self.bucket, key, offset=offset, length=length)
+        problem = range_problem(
+            resp.status,
+            resp.headers.get("Content-Range"),
+            resp.headers.get("Content-Length"),
+            offset,
+            length,
+        )
+        if problem is not None:
+            resp.close()
+            resp.release_conn()
+            raise OriginRangeInvalid(
+                f"{what}: the origin {problem}",
+                hint="the origin, or a proxy or CDN in front of it, must answer ranged GETs "
+                "with 206 Partial Content; fix that, or point weightcache at the origin itself",
+                key=key,
+                offset=offset,
+                length=length,
+            )
 
         def pieces() -> Iterator[bytes]:
+            # read1: each piece as it arrives (up to 1 MiB), not filled to 1 MiB
+            # first, so bytes that came before a reset are handed over and kept.
             with _map_errors(what):
-                yield from resp.stream(_PIECE, decode_content=False)
+                while piece := resp.read1(_PIECE, decode_content=False):
+                    yield piece
 
         try:
             yield pieces()
