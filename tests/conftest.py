@@ -21,6 +21,13 @@ from weightcache.demo.seaweed import SeaweedServer
 # mismatch" SystemError. A collection before the summary keeps finalisers out.
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The default run is the whole suite, slow scenarios included: they go last, so
+    # that a quick test's failure shows in minutes. sorted() is stable, so each
+    # group keeps pytest's own order.
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker("slow") is not None)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import gc
 

@@ -35,6 +35,7 @@ KILLS = 5
 MAX_ORIGIN_RATIO = 1.3
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_daemon_killed_mid_pull_again_and_again(tmp_path: Path) -> None:
     print(f"crash loop seed {SEED} (repeat with CRASH_LOOP_SEED={SEED})")

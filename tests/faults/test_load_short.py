@@ -26,6 +26,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from weightcache.budget import Protection
 from weightcache.config import Config, load_config
 from weightcache.publish import publish
@@ -45,6 +47,7 @@ def _without_lost(error: str) -> str:
     return "; ".join(p for p in error.split("; ") if LOST_LEASE not in p)
 
 
+@pytest.mark.slow
 def test_concurrent_loads_under_eviction_pressure_and_status_storm(s3: Any, tmp_path: Path) -> None:
     loads, rounds, status = 16, 2, 200
     measured = tmp_path / "load.json"

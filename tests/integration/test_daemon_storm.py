@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support import worker
 from tests.support.daemon import Daemon, call
 from tests.support.models import reference, tensors_digest, write_model
@@ -17,6 +19,7 @@ from weightcache.refs import parse_ref
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_32_workers_one_cold_ref_one_pull(s3: Any, tmp_path: Path) -> None:
     files = write_model(tmp_path / "m", shards=4, big=8 * 1024 * 1024)
     ref = f"s3://{s3.bucket}/storm/model"

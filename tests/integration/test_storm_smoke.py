@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STORM = ROOT / "loadtest" / "storm.py"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_storm_tiny_run_checks_one_pull_per_node(tmp_path: Path) -> None:
     out = tmp_path / "docs"
