@@ -37,7 +37,7 @@ from weightcache.errors import (
     OriginUnavailable,
     RevisionAmbiguous,
 )
-from weightcache.fetch import Fetcher, FetchStats
+from weightcache.fetch import Fetcher, FetchStats, Transfers
 from weightcache.hashing import is_digest
 from weightcache.index import Index
 from weightcache.limits import NodeSlots, NodeTokenBucket
@@ -143,6 +143,8 @@ class Node:
         self._origins: dict[str, tuple[Origin, str]] = {}
         self._origin_flight: SingleFlight[str, tuple[Origin, str]] = SingleFlight()
         self._manifest_slots = PrioritySlots(MANIFEST_READS)
+        #: every origin transfer in flight, so that a stop can unblock their threads
+        self.in_flight = Transfers()
 
     async def origin(self, ref: Ref) -> tuple[Origin, str]:
         """The origin a ref lives in (one per bucket or directory, connections reused)
@@ -198,7 +200,10 @@ class Node:
             self._slots = _NodeWideSlots(fetch.concurrency, node_slots)
             if fetch.max_bytes_per_s:
                 self._limiter = NodeTokenBucket(
-                    self.store.locks, fetch.max_bytes_per_s, clock=self.clock, executor=self.executor
+                    self.store.locks,
+                    fetch.max_bytes_per_s,
+                    clock=self.clock,
+                    executor=self.executor,
                 )
         return self._slots
 
@@ -212,6 +217,7 @@ class Node:
             rng=self.rng,
             limiter=self._limiter,
             slots=slots,
+            transfers=self.in_flight,
             priority=priority,
         )
 

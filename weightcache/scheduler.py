@@ -12,7 +12,7 @@ import enum
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from weightcache.errors import RequestInvalid
@@ -165,16 +165,29 @@ class SingleFlight(Generic[K, V]):
             self._tasks[key] = task
         return await asyncio.shield(task), joined
 
-    async def cancel_all(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for running work, then cancel what is left."""
+    async def cancel_all(
+        self,
+        timeout_s: float,
+        *,
+        before_cancel: Callable[[], object] | None = None,
+        cancel_timeout_s: float | None = None,
+    ) -> bool:
+        """Wait up to ``timeout_s`` for running work, then cancel what is left
+        (``before_cancel`` first: e.g. unblock threads stuck on a socket) and wait
+        up to ``cancel_timeout_s`` more (None: as long as it takes). True when
+        everything ended."""
         tasks = list(self._tasks.values())
         if not tasks:
-            return
+            return True
         _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        if not pending:
+            return True
+        if before_cancel is not None:
+            before_cancel()
         for task in pending:
             task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        _, still = await asyncio.wait(pending, timeout=cancel_timeout_s)
+        return not still
 
 
 def spread_offset(node: str, key: str, window_s: float) -> float:

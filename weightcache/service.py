@@ -53,6 +53,9 @@ from weightcache.scheduler import Priority, SingleFlight, Urgency
 
 log = logging.getLogger(__name__)
 
+#: after the shutdown grace: how long cancelled pulls get to stop (their transfers
+#: are aborted first, so this is only their bookkeeping)
+CANCEL_GRACE_S = 3.0
 #: how often leases of dead processes and expired leases are dropped
 REAP_INTERVAL_S = 2.0
 #: a location's latest manifest is read at most once per this many seconds per node: a
@@ -230,7 +233,15 @@ class Service:
             return
         # Pulls write verified chunks as they go: whatever finishes in the grace
         # period is kept, and a cancelled pull resumes from its chunk log on restart.
-        await self._flight.cancel_all(self.cfg.daemon.shutdown_timeout_s)
+        # Then every transfer still blocked on the origin is unblocked from here (its
+        # socket shut down), so the stop is bounded whatever the origin does.
+        ended = await self._flight.cancel_all(
+            self.cfg.daemon.shutdown_timeout_s,
+            before_cancel=self.node.in_flight.abort_all,
+            cancel_timeout_s=CANCEL_GRACE_S,
+        )
+        if not ended:
+            log.warning("service.pulls_not_stopped after_s=%.1f", CANCEL_GRACE_S)
         await self.jobs_book.close()
         await asyncio.gather(*self._chores, return_exceptions=True)
         self.uses.close()

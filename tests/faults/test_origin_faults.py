@@ -32,8 +32,10 @@ import pytest
 import torch
 
 import weightcache
+from tests.support.daemon import Daemon, call
 from tests.support.faultproxy import FaultProxy, Record
 from tests.support.models import assert_bitwise_equal, reference, tensors_digest, write_model
+from weightcache.api.server import HANDLER_GRACE_S
 from weightcache.config import load_config
 from weightcache.errors import (
     HashMismatch,
@@ -50,6 +52,7 @@ from weightcache.manifest import MANIFEST_NAME, parse
 from weightcache.origin.s3 import S3Origin
 from weightcache.publish import publish
 from weightcache.refs import parse_ref
+from weightcache.service import CANCEL_GRACE_S
 from weightcache.store import Store
 
 MiB = 1 << 20
@@ -496,3 +499,32 @@ def test_stalled_transfers_are_unblocked_at_once_by_abort_or_cancel(
     if after_bytes:
         # What arrived before the stall was synced and recorded for the next pull.
         assert set(store.read_progress(entry.blake3).values()) == {after_bytes}
+
+
+def test_sigterm_against_a_stalled_origin_stops_within_the_grace(
+    scene: Scene, tmp_path: Path
+) -> None:
+    # Every chunk GET stalls for a minute after its first bytes: the transfer
+    # threads sit in a socket read. SIGTERM must still end the daemon within
+    # daemon.shutdown_timeout_s plus the cancel and handler graces.
+    scene.proxy.add_rule(scene.key, "stall", seconds=60, after_bytes=1)
+    sock = tmp_path / "d.sock"
+    daemon = Daemon(
+        tmp_path / "dcache",
+        sock,
+        {**os.environ, "WEIGHTCACHE_DAEMON_SHUTDOWN_TIMEOUT_S": "1"},
+    )
+    with daemon:
+        ensure = ThreadPoolExecutor(1).submit(
+            call, sock, "POST", "/v1/ensure", {"ref": scene.ref, "lease": False}, 90
+        )
+        deadline = time.monotonic() + 20
+        while not any(r.fault == "stall@1" for r in scene.proxy.requests_for(scene.key)):
+            assert time.monotonic() < deadline, "no transfer reached the stall"
+            time.sleep(0.05)
+        started = time.monotonic()
+        assert daemon.stop(timeout_s=60) == 0
+        took = time.monotonic() - started
+        status, body = ensure.result(timeout=10)
+    assert took < 1.0 + CANCEL_GRACE_S + HANDLER_GRACE_S + 2.0, f"stopped after {took:.1f} s"
+    assert status == 503 and body["error"]["code"] == "shutting_down"

@@ -44,6 +44,7 @@ import yaml
 from kubernetes_validate import utils as kv
 
 from weightcache.api.server import HANDLER_GRACE_S
+from weightcache.service import CANCEL_GRACE_S
 from weightcache.config import (
     _ALIASES,
     _AWS_ENV,
@@ -309,9 +310,10 @@ def test_daemonset_agrees_with_its_config() -> None:
     assert socket_volume["hostPath"]["type"] == "DirectoryOrCreate"
     assert cfg.socket_path.parent != cfg.cache.dir
 
-    # Shutdown: pulls get shutdown_timeout_s, then handlers HANDLER_GRACE_S, before SIGKILL.
+    # Shutdown: pulls get shutdown_timeout_s, cancelled ones CANCEL_GRACE_S (their
+    # transfers aborted), then handlers HANDLER_GRACE_S, before SIGKILL.
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace > cfg.daemon.shutdown_timeout_s + HANDLER_GRACE_S
+    assert grace > cfg.daemon.shutdown_timeout_s + CANCEL_GRACE_S + HANDLER_GRACE_S
 
     # Priority: our own class (in priorityclass.yaml), or the built-in node-critical one.
     priority = pod["priorityClassName"]
@@ -632,8 +634,12 @@ def test_unit_agrees_with_the_example_config() -> None:
     assert Path("/run", service["RuntimeDirectory"]) == cfg.socket_path.parent
     assert str(cfg.cache.dir) in service["ReadWritePaths"].split()
     assert unit["RequiresMountsFor"] == [str(cfg.cache.dir)]
-    # Stop: pulls get shutdown_timeout_s, handlers HANDLER_GRACE_S, before SIGKILL.
-    assert int(service["TimeoutStopSec"]) > cfg.daemon.shutdown_timeout_s + HANDLER_GRACE_S
+    # Stop: pulls get shutdown_timeout_s, cancelled ones CANCEL_GRACE_S, handlers
+    # HANDLER_GRACE_S, before SIGKILL.
+    assert (
+        int(service["TimeoutStopSec"])
+        > cfg.daemon.shutdown_timeout_s + CANCEL_GRACE_S + HANDLER_GRACE_S
+    )
     # Type=notify would wait for a READY=1 that the daemon never sends.
     sources = "".join(p.read_text() for p in (ROOT / "weightcache").rglob("*.py"))
     assert service["Type"] in ("simple", "exec") or "NOTIFY_SOCKET" in sources
