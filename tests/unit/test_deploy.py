@@ -44,7 +44,6 @@ import yaml
 from kubernetes_validate import utils as kv
 
 from weightcache.api.server import HANDLER_GRACE_S
-from weightcache.service import CANCEL_GRACE_S
 from weightcache.config import (
     _ALIASES,
     _AWS_ENV,
@@ -55,6 +54,7 @@ from weightcache.config import (
     parse_size,
 )
 from weightcache.errors import ConfigInvalid
+from weightcache.service import CANCEL_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
