@@ -201,3 +201,27 @@ def test_relative_links_resolve(doc: str) -> None:
         assert resolved.exists(), f"{doc}: link to {target} points at nothing"
         if anchor and resolved.suffix == ".md":
             assert anchor in _anchors(resolved), f"{doc}: no heading for #{anchor} in {path or doc}"
+
+
+# -- test references ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "doc", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+)
+def test_every_test_a_doc_names_exists(doc: str) -> None:
+    # `tests/x/test_y.py::test_z` names a file and a test; a following `::test_w`
+    # names another test of the last file named.
+    text = read(doc)
+    last: Path | None = None
+    pattern = r"`((?:tests/)?(?:unit|integration|faults|gpu)/[\w/]+\.py)?(?:::(\w+))?`"
+    for match in re.finditer(pattern, text):
+        path, name = match.group(1), match.group(2)
+        if path:
+            last = ROOT / (path if path.startswith("tests/") else f"tests/{path}")
+            assert last.is_file(), f"{doc} names {path}, which does not exist"
+        if name:
+            assert last is not None, f"{doc} names ::{name} before any test file"
+            assert re.search(rf"^(async )?def {name}\(", last.read_text(), re.M), (
+                f"{doc} names {last.relative_to(ROOT)}::{name}, which does not exist"
+            )
