@@ -654,10 +654,11 @@ themselves, from the job and pull records in the index); no `.part` file is
 left; the last daemon stops cleanly on SIGTERM; `weightcache verify` exits 0
 with "no problems found"; the daemon logged no internal error; and SeaweedFS's
 own counter of bytes sent from the bucket is at most {MAX_ORIGIN_RATIO}x the
-bytes of the models. A kill loses at most the chunks in flight: the rate limit
-makes a chunk wait for its tokens before its GET starts, so at most
-`concurrency` chunks are ever being received: a kill wastes at most
-`concurrency x chunk` bytes.
+bytes of the models. A kill loses at most what each transfer in flight
+received since its last checkpoint (every 1 MiB the part file is synced and the
+byte reached is recorded; a resumed chunk asks only for the rest): at most
+`concurrency` transfers are ever receiving, so a kill wastes at most about
+`concurrency x 1 MiB`, whatever the chunk size.
 
 Each start of the daemon begins with a full token bucket (one second's worth
 of the rate limit), so a daemon restarted every fraction of a second pulls
