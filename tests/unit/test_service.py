@@ -1,21 +1,37 @@
-"""The daemon's facade in-process over a file:// origin: single-flight, leases, eviction, jobs."""
+"""The daemon's facade in-process over a file:// origin: single-flight, leases, eviction, jobs.
+
+Time-dependent behaviour (reaping, TTLs, jobs at a time, the rate limit) runs on
+a :class:`~tests.support.clocks.ManualClock` the test advances; a pull that must
+stay in progress is held at a :class:`~tests.support.gates.GatedOrigin`, never
+by sleeping. The LeaseTable's decisions are tested directly at the end.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.clocks import ManualClock, eventually
+from tests.support.gates import GatedOrigin, wrap_origins
+from tests.support.published import files_intact, publish_model
+from weightcache.budget import Protection
 from weightcache.config import Config, load_config
 from weightcache.errors import ModelLeased, NotFound, Overloaded, TooManyLeases
+from weightcache.leases import Lease, LeaseTable
+from weightcache.origin.base import Origin
 from weightcache.publish import publish
-from weightcache.refs import parse_ref
-from weightcache.service import Service
+from weightcache.refs import Ref, parse_ref
+from weightcache.scheduler import Priority
+from weightcache.service import REAP_INTERVAL_S, RESOLVE_TTL_S, Service
+from weightcache.store import Store
 
 MB = 1_000_000
 
@@ -39,10 +55,61 @@ def config(root: Path, **env: str) -> Config:
     )
 
 
-async def running(cfg: Config) -> Service:
-    service = Service(cfg)
+async def running(cfg: Config, clock: ManualClock | None = None) -> Service:
+    """A started service; with ``clock``, its time (monotonic and wall) is the test's."""
+    service = Service(cfg, clock=clock, wall=clock.wall) if clock else Service(cfg)
     await service.start()
     return service
+
+
+def gate_models(monkeypatch: pytest.MonkeyPatch, *names: str) -> dict[str, GatedOrigin]:
+    """Stall every ranged read of the named models (their origins, once opened, by name)."""
+    gates: dict[str, GatedOrigin] = {}
+
+    def wrap(ref: Ref, origin: Origin) -> Origin:
+        name = ref.location.rstrip("/").rpartition("/")[2]
+        if name not in names:
+            return origin
+        gates[name] = GatedOrigin(origin)
+        return gates[name]
+
+    wrap_origins(monkeypatch, wrap)
+    return gates
+
+
+async def pull_rows(service: Service) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = (await service.status())["pulls"]
+    return rows
+
+
+async def until_waiters(service: Service, n: int) -> None:
+    """Wait until the one running pull has ``n`` requests waiting on it."""
+    deadline = time.monotonic() + 10
+    while [p["waiters"] for p in await pull_rows(service)] != [n]:
+        assert time.monotonic() < deadline, f"no pull with {n} waiters"
+        await asyncio.sleep(0.01)
+
+
+async def until_waiters_of(service: Service, revision: str, n: int) -> None:
+    """Wait until the pull of ``revision`` has ``n`` requests waiting on it."""
+    deadline = time.monotonic() + 10
+    while [p["waiters"] for p in await pull_rows(service) if p["revision"] == revision] != [n]:
+        assert time.monotonic() < deadline, f"no pull of {revision[:16]} with {n} waiters"
+        await asyncio.sleep(0.01)
+
+
+async def lease_records(service: Service) -> list[tuple[str, dict[str, Any]]]:
+    return await service.hop(lambda: list(service.node.index.items("lease")))
+
+
+async def settled_lease_records(
+    service: Service, timeout_s: float = 10.0
+) -> list[tuple[str, dict[str, Any]]]:
+    """The persisted leases once the writes in flight are done (or what is left then)."""
+    deadline = time.monotonic() + timeout_s
+    while (records := await lease_records(service)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return records
 
 
 async def test_concurrent_ensures_share_one_pull(tmp_path: Path) -> None:
@@ -126,54 +193,91 @@ async def test_leases_of_dead_processes_end(tmp_path: Path) -> None:
     ref = make_model(tmp_path, "m", 1000, 3)
     proc = await asyncio.create_subprocess_exec("true")
     await proc.wait()  # a pid that no longer runs
-    service = await running(config(tmp_path))
+    clock = ManualClock()
+    service = await running(config(tmp_path), clock)
     try:
         held = await service.ensure(ref, pid=proc.pid)
         assert held.lease is not None
-        deadline = time.monotonic() + 10
-        while service.leased_revisions() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        assert service.leased_revisions() == {held.ensured.revision}  # until the reaper looks
+        await clock.advance(REAP_INTERVAL_S)
+        await eventually(lambda: not service.leased_revisions(), what="the reaper")
         assert service.leased_revisions() == set()
+        assert await settled_lease_records(service) == []
     finally:
         await service.close()
 
 
-async def test_overloaded_when_the_queue_is_full(tmp_path: Path) -> None:
+async def test_leases_expire_after_their_ttl(tmp_path: Path) -> None:
+    ref = make_model(tmp_path, "m", 1000, 13)
+    clock = ManualClock()
+    service = await running(config(tmp_path, WEIGHTCACHE_DAEMON_LEASE_TTL_S="60"), clock)
+    try:
+        held = await service.ensure(ref, pid=os.getpid())  # a live process: only the TTL ends it
+        assert held.lease is not None and held.lease.expires == clock.wall() + 60
+        rev = held.ensured.revision
+        await clock.advance(30.0)
+        renewed = await service.ensure(ref, pid=os.getpid())  # the same owner: renewed
+        assert renewed.lease is not None and renewed.lease.id == held.lease.id
+        assert renewed.lease.expires == clock.wall() + 60
+        await clock.advance(40.0)  # past the first expiry, before the renewed one
+        assert service.leased_revisions() == {rev}
+        await clock.advance(20.0 + REAP_INTERVAL_S)
+        await eventually(lambda: not service.leased_revisions(), what="the lease to expire")
+        assert [m["leases"] for m in (await service.status())["models"]] == [0]
+    finally:
+        await service.close()
+
+
+async def test_overloaded_when_the_queue_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ref = make_model(tmp_path, "m", 2 * MB, 4)
     other = make_model(tmp_path, "other", 1000, 9)
+    gates = gate_models(monkeypatch, "m")
     service = await running(
         config(
-            tmp_path, WEIGHTCACHE_DAEMON_MAX_PENDING="1", WEIGHTCACHE_FETCH_MAX_BYTES_PER_S="1MiB"
+            tmp_path,
+            WEIGHTCACHE_DAEMON_MAX_PENDING="1",
+            # more slots than m has chunks: other's manifest read is not held up
+            WEIGHTCACHE_FETCH_CONCURRENCY="16",
         )
     )
     try:
         first = asyncio.create_task(service.ensure(ref))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: "m" in gates and gates["m"].blocked > 0, what="m's pull")
         joined = asyncio.create_task(service.ensure(ref))  # joining a running pull: admitted
+        await until_waiters(service, 2)
         with pytest.raises(Overloaded) as info:
             await service.ensure(other)  # a second distinct pull: over max_pending=1
         assert info.value.retry_after_s >= 1 and info.value.http_status == 503
+        gates["m"].open()
         assert (await joined).coalesced
         await first
         await service.ensure(other)  # the queue drained: admitted again
     finally:
+        for gate in gates.values():
+            gate.open()
         await service.close()
 
 
 async def test_scheduled_prefetch_runs_and_survives_restart(tmp_path: Path) -> None:
     ref = make_model(tmp_path, "m", MB, 5)
     cfg = config(tmp_path, WEIGHTCACHE_DAEMON_PREFETCH_SPREAD_S="0.5")
-    service = await running(cfg)
-    at = time.time() + 0.3
+    clock = ManualClock()
+    service = await running(cfg, clock)
+    at = clock.wall() + 0.3
     try:
         job, created = await service.prefetch(ref, at=at, deadline=at + 30)
         again, created_again = await service.prefetch(ref, at=at, deadline=at + 30)
         assert created and not created_again and again.id == job.id  # idempotent
         assert at <= job.start_after <= at + 0.5
-        later, _ = await service.prefetch(ref, at=time.time() + 3600)
-        deadline = time.monotonic() + 15
-        while service.job(job.id).state != "done" and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        later, _ = await service.prefetch(ref, at=clock.wall() + 3600)
+        await clock.advance(job.start_after - clock.wall() - 0.01)
+        await asyncio.sleep(0.05)  # the scheduler had its chance: not yet
+        assert service.job(job.id).state == "scheduled"
+        assert not service.node.store.snapshot_revisions()
+        await clock.advance(0.02)
+        await eventually(lambda: service.job(job.id).state == "done", what="the job")
         done = service.job(job.id)
         assert done.state == "done" and not done.late and done.revision
         assert done.finished is not None and done.finished <= at + 30
@@ -181,7 +285,7 @@ async def test_scheduled_prefetch_runs_and_survives_restart(tmp_path: Path) -> N
     finally:
         await service.close()
 
-    restarted = await running(cfg)
+    restarted = await running(cfg, clock)
     try:
         assert restarted.job(job.id).state == "done"
         assert restarted.job(later.id).state == "scheduled"
@@ -216,11 +320,15 @@ async def test_a_pull_stopped_by_shutdown_resumes_after_restart(tmp_path: Path) 
         WEIGHTCACHE_FETCH_CONCURRENCY="2",
         WEIGHTCACHE_DAEMON_SHUTDOWN_TIMEOUT_S="0.2",
     )
-    service = await running(cfg)
+    clock = ManualClock()  # the rate limit's time: the pull moves only when the test says
+    service = await running(cfg, clock)
     pull = asyncio.create_task(service.ensure(ref))
-    while not service._pulls or next(iter(service._pulls.values())).done_bytes < MB:
-        await asyncio.sleep(0.02)
-    await service.close()  # the grace period is shorter than the pull
+    for _ in range(1000):
+        if service._pulls and next(iter(service._pulls.values())).done_bytes >= MB:
+            break
+        await clock.advance(0.05)
+        await asyncio.sleep(0.01)
+    await service.close()  # the grace period is shorter than the pull: time stands still
     assert pull.done() and not service.node.store.snapshot_revisions()
 
     restarted = Service(
@@ -246,15 +354,15 @@ async def test_a_pull_stopped_by_shutdown_resumes_after_restart(tmp_path: Path) 
 
 async def test_prefetch_now_is_idempotent_only_while_pending(tmp_path: Path) -> None:
     ref = make_model(tmp_path, "m", 1000, 8)
-    service = await running(config(tmp_path, WEIGHTCACHE_FETCH_MAX_BYTES_PER_S="1KiB"))
+    clock = ManualClock()
+    service = await running(config(tmp_path, WEIGHTCACHE_FETCH_MAX_BYTES_PER_S="1KiB"), clock)
     try:
         first, created = await service.prefetch(ref)
         second, created_again = await service.prefetch(ref)
         assert created and not created_again and second.id == first.id
-        deadline = time.monotonic() + 15
-        while service.job(first.id).state != "done" and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await eventually(lambda: service.job(first.id).state == "done", what="the job")
         assert service.job(first.id).state == "done"
+        await clock.advance(1.0)
         third, created_third = await service.prefetch(ref)
         assert created_third and third.id != first.id
     finally:
@@ -291,3 +399,439 @@ async def test_a_corrupt_cached_manifest_does_not_break_status(tmp_path: Path) -
         assert [m["state"] for m in doc["models"]] == ["corrupt"]
     finally:
         await service.close()
+
+
+# -- a snapshot is a hit only with every blob ------------------------------------------
+
+
+async def test_a_snapshot_missing_a_blob_is_pulled_again_not_served(tmp_path: Path) -> None:
+    m = publish_model(tmp_path, "m", MB, 14, extra={"config.json": b'{"layers": 2}'})
+    service = await running(config(tmp_path))
+    store = service.node.store
+    try:
+        first = await service.ensure(m.ref, lease=False)
+        # a power loss after the snapshot came back, before its blob did: a dangling link
+        weights = next(f for f in m.manifest.files if f.path == "weights.bin")
+        await service.hop(os.unlink, store.blob_path(weights.blake3))
+        assert store.has_snapshot(m.revision)
+        again = await service.ensure(m.ref, pid=os.getpid())
+        assert not again.ensured.cache_hit and again.source == "origin"
+        assert again.ensured.origin_bytes == weights.size  # only the missing blob
+        assert again.ensured.snapshot == first.ensured.snapshot
+        assert store.has_blob(weights.blake3, weights.size)
+        files = [(f.local_path, f.blake3) for f in again.ensured.files]
+        assert await service.hop(files_intact, files) == []
+        assert (await service.ensure(m.ref, lease=False)).ensured.cache_hit
+    finally:
+        await service.close()
+
+
+# -- the event loop and the thread pools ------------------------------------------------
+
+
+async def test_the_event_loop_is_never_blocked_by_a_pull(tmp_path: Path) -> None:
+    a = publish_model(tmp_path, "a", 4 * MB, 15, extra={f"f{i}.json": b"{}" * i for i in range(20)})
+    b = publish_model(tmp_path, "b", 4 * MB, 16)
+    beats: list[float] = []
+    stop = asyncio.Event()
+
+    async def heartbeat() -> None:
+        while not stop.is_set():
+            beats.append(time.perf_counter())
+            await asyncio.sleep(0.01)
+
+    beat = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0)  # beating
+    started = time.perf_counter()
+    service = await running(config(tmp_path))
+    try:
+        await service.ensure(a.ref)  # unpinned: the origin's manifest, then a pull
+        hit = await service.ensure(a.at(a.revision[:12]))  # a short @REV, matched locally
+        assert hit.ensured.cache_hit and hit.ensured.revision == a.revision
+        cold = await service.ensure(b.at(b.revision[:12]))  # a short @REV from the origin
+        assert not cold.ensured.cache_hit and cold.ensured.origin_bytes == 4 * MB
+        await service.status()
+        ended = time.perf_counter()
+    finally:
+        stop.set()
+        await beat
+        await service.close()
+    # The pulls' time is in threads; the loop only schedules: from start to end, it
+    # never went 100 ms without running the heartbeat.
+    marks = [started, *(t for t in beats if started < t < ended), ended]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(marks)]
+    assert max(gaps) < 0.1, sorted(gaps)[-5:]
+
+
+async def test_a_warm_ensure_answers_while_another_pull_stalls_every_transfer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = publish_model(tmp_path, "a", MB, 17)
+    b = publish_model(tmp_path, "b", 2 * MB, 18)
+    gates = gate_models(monkeypatch, "b")
+    service = await running(config(tmp_path, WEIGHTCACHE_FETCH_CONCURRENCY="2"))
+    pull_b = None
+    try:
+        await service.ensure(a.ref, lease=False)
+        pull_b = asyncio.create_task(service.ensure(b.ref, lease=False))
+        await eventually(lambda: "b" in gates and gates["b"].blocked == 2, what="b to stall")
+        assert service.node.slots.in_use == service.node.slots.capacity == 2
+        warm = await asyncio.wait_for(service.ensure(a.at()), 2.0)
+        assert warm.ensured.cache_hit and warm.lease is not None
+        files = [(f.local_path, f.blake3) for f in warm.ensured.files]
+        assert await asyncio.wait_for(service.hop(files_intact, files), 2.0) == []
+        assert not pull_b.done() and gates["b"].blocked == 2
+        gates["b"].open()
+        done = await pull_b
+        assert done.ensured.origin_bytes == 2 * MB
+    finally:
+        for gate in gates.values():
+            gate.open()
+        if pull_b is not None:
+            await asyncio.gather(pull_b, return_exceptions=True)
+        await service.close()
+
+
+async def test_a_warm_unpinned_ensure_does_not_queue_behind_stalled_transfers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = publish_model(tmp_path, "a", MB, 19)
+    b = publish_model(tmp_path, "b", 2 * MB, 20)
+    gates = gate_models(monkeypatch, "b")
+    clock = ManualClock()
+    service = await running(config(tmp_path, WEIGHTCACHE_FETCH_CONCURRENCY="2"), clock)
+    pull_b = None
+    try:
+        await service.ensure(a.ref, lease=False)
+        pull_b = asyncio.create_task(service.ensure(b.ref, lease=False))
+        await eventually(lambda: "b" in gates and gates["b"].blocked == 2, what="b to stall")
+        await clock.advance(RESOLVE_TTL_S + 1)  # a's latest revision must be read again
+        warm = await asyncio.wait_for(service.ensure(a.ref), 2.0)
+        assert warm.ensured.cache_hit
+    finally:
+        for gate in gates.values():
+            gate.open()
+        if pull_b is not None:
+            await asyncio.gather(pull_b, return_exceptions=True)
+        await service.close()
+
+
+# -- leases: cancellation and coalesced waiters -------------------------------------------
+
+
+async def test_an_ensure_cancelled_while_its_lease_is_saved_leaves_no_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = publish_model(tmp_path, "m", 1000, 21)
+    service = await running(config(tmp_path))
+    try:
+        await service.ensure(m.ref, lease=False)
+        index = service.node.index
+        real_put = index.put
+        saving, proceed = threading.Event(), threading.Event()
+
+        def put(key: tuple[str, str], value: dict[str, Any]) -> None:
+            if key[0] == "lease":
+                saving.set()
+                proceed.wait(10)
+            real_put(key, value)
+
+        monkeypatch.setattr(index, "put", put)
+        task = asyncio.create_task(service.ensure(m.ref, pid=os.getpid()))
+        await eventually(saving.is_set, what="the lease to be persisted")
+        assert len(service.leases) == 1  # granted, its record on its way to the index
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(service.leases) == 0 and service.leased_revisions() == set()
+        proceed.set()
+        assert await settled_lease_records(service) == []
+        await eventually(lambda: not service.uses.held(), what="the use to be released")
+        assert [x["leases"] for x in (await service.status())["models"]] == [0]
+    finally:
+        await service.close()
+
+
+async def test_coalesced_waiters_stay_protected_until_each_holds_its_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = publish_model(tmp_path, "m", MB, 22)
+    gates = gate_models(monkeypatch, "m")
+    service = await running(config(tmp_path))
+    store = service.node.store
+    index = service.node.index
+    real_put = index.put
+    saving, proceed = threading.Event(), threading.Event()
+
+    def put(key: tuple[str, str], value: dict[str, Any]) -> None:
+        if key[0] == "lease" and value.get("client") == "worker":
+            saving.set()
+            proceed.wait(10)
+        real_put(key, value)
+
+    monkeypatch.setattr(index, "put", put)
+    try:
+        prefetch = asyncio.create_task(service.ensure(m.ref, lease=False))
+        await eventually(lambda: "m" in gates and gates["m"].blocked > 0, what="the pull")
+        worker = asyncio.create_task(service.ensure(m.ref, client="worker"))
+        await until_waiters(service, 2)
+        gates["m"].open()
+        first = await prefetch  # the first waiter is done and holds nothing
+        assert first.lease is None
+        await eventually(saving.is_set, what="the worker's lease to be persisted")
+        # Neither the pull nor a lease record protects the revision now; the worker's
+        # use does. An eviction of another process (which sees no daemon memory) spares it.
+        assert m.revision in await service.hop(service.uses.busy)
+        plan = await service.hop(
+            service.budget.evict, 100 * MB, Protection(), "another process", partial=True
+        )
+        assert m.revision not in plan.revisions and plan.blobs == ()
+        assert store.has_snapshot(m.revision)
+        proceed.set()
+        second = await worker
+        assert second.coalesced and second.lease is not None
+        files = [(f.local_path, f.blake3) for f in second.ensured.files]
+        assert await service.hop(files_intact, files) == []
+    finally:
+        proceed.set()
+        for gate in gates.values():
+            gate.open()
+        await service.close()
+
+
+# -- priorities ------------------------------------------------------------------------
+
+
+async def test_a_worker_joining_a_background_pull_raises_its_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = publish_model(tmp_path, "m", MB, 23)
+    gates = gate_models(monkeypatch, "m")
+    service = await running(config(tmp_path))
+    try:
+        background = asyncio.create_task(
+            service.ensure(m.ref, priority=Priority.BACKGROUND, lease=False)
+        )
+        await eventually(lambda: "m" in gates and gates["m"].blocked > 0, what="the pull")
+        assert [p["priority"] for p in await pull_rows(service)] == ["background"]
+        admin = asyncio.create_task(service.ensure(m.ref, priority=Priority.ADMIN, lease=False))
+        await until_waiters(service, 2)
+        assert [p["priority"] for p in await pull_rows(service)] == ["admin"]
+        worker = asyncio.create_task(service.ensure(m.ref, priority=Priority.WORKER))
+        await until_waiters(service, 3)
+        assert [p["priority"] for p in await pull_rows(service)] == ["worker"]
+        late = asyncio.create_task(service.ensure(m.ref, priority=Priority.BACKGROUND))
+        await until_waiters(service, 4)
+        assert [p["priority"] for p in await pull_rows(service)] == ["worker"]  # never lowered
+        gates["m"].open()
+        results = await asyncio.gather(background, admin, worker, late)
+        assert [r.coalesced for r in results] == [False, True, True, True]
+    finally:
+        for gate in gates.values():
+            gate.open()
+        await service.close()
+
+
+async def test_a_raised_pull_goes_ahead_of_less_urgent_pulls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = publish_model(tmp_path, "x", MB, 24)  # 4 chunks
+    y = publish_model(tmp_path, "y", 600_000, 25)  # 3 chunks
+    order: list[str] = []
+    gates: dict[str, GatedOrigin] = {}
+
+    def wrap(ref: Ref, origin: Origin) -> Origin:
+        name = ref.location.rpartition("/")[2]
+        gates[name] = GatedOrigin(origin)
+        if name != "x":
+            gates[name].open()
+        inner_open = gates[name].open_range
+
+        def open_range(key: str, offset: int, length: int) -> Any:
+            order.append(name)
+            return inner_open(key, offset, length)
+
+        gates[name].open_range = open_range  # type: ignore[method-assign]
+        return gates[name]
+
+    wrap_origins(monkeypatch, wrap)
+    service = await running(config(tmp_path, WEIGHTCACHE_FETCH_CONCURRENCY="1"))
+    try:
+        for model in (x, y):  # manifests cached: the pinned refs below need no origin slot
+            await service.node.resolve(service.node.parse(model.ref))
+        slots = service.node.slots
+        background = asyncio.create_task(
+            service.ensure(x.at(), priority=Priority.BACKGROUND, lease=False)
+        )
+        await eventually(lambda: gates["x"].blocked == 1 and slots.waiting == 3, what="x")
+        admin = asyncio.create_task(service.ensure(y.at(), priority=Priority.ADMIN, lease=False))
+        await eventually(lambda: slots.waiting == 6, what="y to queue")
+        worker = asyncio.create_task(service.ensure(x.at(), priority=Priority.WORKER))
+        await until_waiters_of(service, x.revision, 2)
+        gates["x"].open()
+        await asyncio.gather(background, admin, worker)
+        # x's first chunk was under way; its other chunks now go at worker priority
+        assert order == ["x"] * 4 + ["y"] * 3, order
+    finally:
+        for gate in gates.values():
+            gate.open()
+        await service.close()
+
+
+# -- counters and status ------------------------------------------------------------------
+
+
+async def test_origin_bytes_count_while_the_pull_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = publish_model(tmp_path, "m", 2 * MB, 26)  # 8 chunks of 256 KiB
+    chunk = 256 * 1024
+    gated: list[GatedOrigin] = []
+
+    def wrap(ref: Ref, origin: Origin) -> Origin:
+        gated.append(GatedOrigin(origin, pass_first=2))  # two chunks arrive, then it stalls
+        return gated[-1]
+
+    wrap_origins(monkeypatch, wrap)
+    service = await running(config(tmp_path, WEIGHTCACHE_FETCH_CONCURRENCY="2"))
+    try:
+        pull = asyncio.create_task(service.ensure(m.ref, lease=False))
+        await eventually(lambda: gated and gated[0].blocked == 2, what="the stall")
+        deadline = time.monotonic() + 10
+        while (status := await service.status())["counters"]["origin_bytes"] < 2 * chunk:
+            assert time.monotonic() < deadline, status["counters"]
+            await asyncio.sleep(0.01)
+        assert status["counters"]["origin_bytes"] == 2 * chunk
+        assert [p["revision"] for p in status["pulls"]] == [m.revision]  # still running
+        gated[0].open()
+        await pull
+        status = await service.status()
+        assert status["counters"]["origin_bytes"] == 2 * MB and status["pulls"] == []
+    finally:
+        for gate in gated:
+            gate.open()
+        await service.close()
+
+
+async def test_status_does_not_reload_manifests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = [publish_model(tmp_path, f"m{i}", 1000, 30 + i) for i in range(3)]
+    loads: list[str] = []
+    real = Store.load_manifest
+
+    def counting(self: Store, rev: str) -> Any:
+        loads.append(rev)
+        return real(self, rev)
+
+    monkeypatch.setattr(Store, "load_manifest", counting)
+    service = await running(config(tmp_path))
+    try:
+        for model in models:
+            await service.ensure(model.ref, lease=False)
+        first = await service.status()
+        assert sorted(row["revision"] for row in first["models"]) == sorted(
+            model.revision for model in models
+        )
+        before = len(loads)
+        for _ in range(3):
+            again = await service.status()
+            assert again["models"] == first["models"]
+        assert len(loads) == before  # the cache did not change: no manifest read again
+    finally:
+        await service.close()
+
+
+# -- the lease table -------------------------------------------------------------------------
+
+A = "a" * 64
+B = "b" * 64
+C = "c" * 64
+D = "d" * 64
+
+
+def test_a_lease_is_renewed_for_its_owner() -> None:
+    table = LeaseTable(ttl_s=60, max_per_client=4)
+    first = table.grant(A, 100.0, pid=1, client=None)
+    again = table.grant(A, 130.0, pid=1, client=None)
+    assert again is first and first.holders == 2
+    assert first.created == 100.0 and first.expires == 190.0
+    other_pid = table.grant(A, 130.0, pid=2, client=None)
+    tcp_peer = table.grant(A, 130.0, pid=None, client="10.0.0.7:4100")
+    assert len({first.id, other_pid.id, tcp_peer.id}) == 3
+    assert table.count(A) == 3 and table.revisions() == {A}
+    assert sorted(x.owner or "" for x in table.of(A)) == ["10.0.0.7:4100", "pid:1", "pid:2"]
+
+
+def test_leases_per_owner_are_bounded_but_renewals_are_not() -> None:
+    table = LeaseTable(ttl_s=60, max_per_client=2)
+    table.grant(A, 0.0, pid=1, client=None)
+    table.grant(B, 0.0, pid=1, client=None)
+    with pytest.raises(TooManyLeases):
+        table.grant(C, 0.0, pid=1, client=None)
+    assert table.grant(A, 1.0, pid=1, client=None).holders == 2  # a renewal: allowed
+    table.grant(C, 0.0, pid=2, client=None)  # another owner has its own bound
+    assert len(table) == 3
+
+
+def test_release_counts_holders() -> None:
+    table = LeaseTable(ttl_s=60, max_per_client=4)
+    lease = table.grant(A, 0.0, pid=1, client=None)
+    table.grant(A, 0.0, pid=1, client=None)
+    assert table.release(lease.id) is None  # one holder left
+    assert table.revisions() == {A}
+    assert table.release(lease.id) is lease  # the last: it ends
+    assert table.revisions() == frozenset() and len(table) == 0
+    with pytest.raises(NotFound):
+        table.release(lease.id)
+
+
+def test_reap_ends_expired_dead_and_disconnected_leases() -> None:
+    alive = {1: True, 2: False}
+    table = LeaseTable(ttl_s=60, max_per_client=8, alive=lambda pid: alive[pid])
+    expiring = table.grant(A, 0.0, pid=1, client=None)  # expires at 60
+    dead = table.grant(B, 10.0, pid=2, client=None)
+    connected = [True]
+    bound = table.grant(C, 10.0, pid=None, client="peer", connection=lambda: connected[0])
+    kept = table.grant(D, 10.0, pid=1, client=None)
+    assert bound.bound and not kept.bound
+    assert table.reap(59.0) == [dead]  # a dead pid ends at once
+    assert table.reap(60.0) == [expiring]  # the TTL
+    assert table.reap(61.0) == []
+    connected[0] = False
+    assert table.reap(61.0) == [bound]  # its connection closed
+    assert list(table.leases.values()) == [kept]
+
+
+def test_a_lease_ends_with_its_connections_only_if_every_holder_bound_it() -> None:
+    table = LeaseTable(ttl_s=60, max_per_client=8)
+    one, two = [True], [True]
+    lease = table.grant(A, 0.0, pid=None, client="peer", connection=lambda: one[0])
+    table.grant(A, 0.0, pid=None, client="peer", connection=lambda: two[0])
+    assert lease.bound and lease.holders == 2
+    one[0] = False
+    assert table.reap(1.0) == []  # the other connection is still open
+    two[0] = False
+    assert table.reap(1.0) == [lease]
+
+    kept = table.grant(B, 0.0, pid=None, client="peer", connection=lambda: False)
+    table.grant(B, 0.0, pid=None, client="peer")  # one holder asked to keep it beyond
+    assert not kept.bound
+    assert table.reap(1.0) == []
+
+
+def test_loading_leases_drops_the_ended_and_unbinds_the_rest() -> None:
+    alive = {1: True, 2: False}
+    before = LeaseTable(ttl_s=60, max_per_client=8)
+    live = before.grant(A, 0.0, pid=1, client=None)
+    bound = before.grant(B, 0.0, pid=None, client="peer", connection=lambda: True)
+    dead = before.grant(C, 0.0, pid=2, client=None)
+    old = before.grant(D, -100.0, pid=1, client=None)
+    records = [(x.id, x.to_json()) for x in (live, bound, dead, old)]
+    after = LeaseTable(ttl_s=60, max_per_client=8, alive=lambda pid: alive[pid])
+    stale = after.load(records, now=30.0)
+    assert sorted(stale) == sorted([dead.id, old.id])
+    assert sorted(after.leases) == sorted([live.id, bound.id])
+    assert not after.leases[bound.id].bound  # its connection did not survive the restart
+    assert after.reap(30.0) == []
+    assert Lease.from_json(live.to_json()) == live
