@@ -26,7 +26,7 @@ from typing import Any
 
 from weightcache.aio import Clock
 from weightcache.config import Config
-from weightcache.errors import CacheFull, WeightcacheError
+from weightcache.errors import CacheFull, ModelLeased, WeightcacheError
 from weightcache.evict import Plan, Revision, bytes_to_free, plan
 from weightcache.index import Index
 from weightcache.locks import RevisionUses
@@ -209,11 +209,30 @@ class Budget:
             self.apply(chosen, reason)
         return chosen
 
-    def evict_revision(self, rev: str, protection: Protection) -> Plan:
-        """Remove one revision and every blob only it used (an admin's evict)."""
+    def evict_revision(self, rev: str, protection: Protection, *, force: bool = False) -> Plan:
+        """Remove one revision and every blob only it used (an admin's evict).
+
+        Refused (``model_leased``) while any process on the node uses the
+        revision, and, unless ``force``, while a lease in the index holds it:
+        ``force`` overrides leases, never a use in progress (a pull, a hit being
+        leased, a worker inside ``weightcache.snapshot()``).
+        """
         with self.uses.cache_lock.exclusive():
             busy = self.uses.busy(prune=True)
-            _, busy_blobs = self._pending(busy - {rev})
+            if rev in busy:
+                raise ModelLeased(
+                    f"revision {rev[:16]} is in use on this node right now (a pull, a load "
+                    "being leased, or a worker holding its snapshot)",
+                    hint="retry once the load finishes",
+                    revision=rev,
+                )
+            if not force and rev in self._leased():
+                raise ModelLeased(
+                    f"revision {rev[:16]} is leased",
+                    hint="wait for the workers to finish, or pass force to evict anyway",
+                    revision=rev,
+                )
+            _, busy_blobs = self._pending(busy)
             revisions = self.revisions()
             needed: set[str] = set(busy_blobs | protection.blobs)
             for r in revisions:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -101,7 +102,9 @@ class JobBook:
             for job in self.jobs.values():
                 if job.ref == ref and job.at is None and job.state in ("scheduled", "running"):
                     return job, False
-            job_id = digest_bytes(f"{ref}\0now\0{now}".encode())[:16]
+            # Unique even for two requests at the same wall time (a finished "now"
+            # job must never be overwritten by the next one).
+            job_id = digest_bytes(f"{ref}\0now\0{now}\0{secrets.token_hex(8)}".encode())[:16]
         else:
             job_id = digest_bytes(f"{ref}\0{at}".encode())[:16]
             existing = self.jobs.get(job_id)

@@ -76,28 +76,37 @@ class RevisionUses:
         self._mutex = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._fds: dict[str, int] = {}
+        self._gates: dict[str, threading.Lock] = {}
 
     def path(self, rev: str) -> Path:
         assert is_digest(rev), rev
         return self.dir / f"{_REV_PREFIX}{rev}{_REV_SUFFIX}"
 
     def acquire(self, rev: str) -> None:
+        # The flock waits while an eviction or verify holds the cache lock: it is
+        # taken outside the mutex (other revisions' uses and releases go on) and
+        # under a per-revision gate (two first uses of one revision lock it once).
         with self._mutex:
-            self._counts[rev] += 1
-            if rev in self._fds:
-                return
+            gate = self._gates.setdefault(rev, threading.Lock())
+        with gate:
+            with self._mutex:
+                if rev in self._fds:
+                    self._counts[rev] += 1
+                    return
+            fd = self._lock(rev)
+            with self._mutex:
+                self._fds[rev] = fd
+                self._counts[rev] += 1
+
+    def _lock(self, rev: str) -> int:
+        with self.cache_lock.shared():
+            fd = os.open(self.path(rev), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             try:
-                with self.cache_lock.shared():
-                    fd = os.open(self.path(rev), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_SH)
-                    except BaseException:
-                        os.close(fd)
-                        raise
+                fcntl.flock(fd, fcntl.LOCK_SH)
             except BaseException:
-                self._decrement(rev)
+                os.close(fd)
                 raise
-            self._fds[rev] = fd
+        return fd
 
     def release(self, rev: str) -> None:
         with self._mutex:

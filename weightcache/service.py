@@ -540,8 +540,9 @@ class Service:
             for lease in holders:
                 self.leases.drop(lease.id)
                 await self._save_lease(lease.id)
-            protection = Protection(blobs=frozenset())
-            chosen = await self.hop(self.budget.evict_revision, rev, protection)
+            # The budget refuses a revision any process uses right now, and one
+            # still leased in the index unless forced.
+            chosen = await self.hop(self.budget.evict_revision, rev, Protection(), force=force)
         self._count(chosen)
         return {
             "ref": ref,

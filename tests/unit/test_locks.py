@@ -147,3 +147,43 @@ def test_verify_reconciles_only_under_the_cache_lock(tmp_path: Path) -> None:
         assert report.clean and report.blobs_checked == 1
     finally:
         index.close()
+
+
+def test_a_use_waiting_for_the_cache_lock_holds_up_no_other_revision(tmp_path: Path) -> None:
+    # An eviction (or verify) holds the cache lock: a first use of one revision
+    # waits for it, but releasing or re-using another revision must not.
+    locks = tmp_path / "locks"
+    uses = RevisionUses(locks)
+    a, b = digest_bytes(b"a"), digest_bytes(b"b")
+    uses.acquire(b)
+    cache_lock = CacheLock(locks)
+    waiting = threading.Event()
+    done = threading.Event()
+
+    def first_use_of_a() -> None:
+        waiting.set()
+        uses.acquire(a)
+        done.set()
+
+    with cache_lock.exclusive():
+        thread = threading.Thread(target=first_use_of_a)
+        thread.start()
+        waiting.wait(5)
+        assert not done.wait(0.05)  # a waits for the cache lock ...
+        finished = threading.Event()
+
+        def other_revision() -> None:
+            uses.acquire(b)  # ... while b, already held, is used again and released
+            uses.release(b)
+            uses.release(b)
+            assert uses.held() == frozenset()
+            finished.set()
+
+        helper = threading.Thread(target=other_revision)
+        helper.start()
+        assert finished.wait(2), "a use of another revision waited for the cache lock"
+        helper.join()
+    assert done.wait(5)
+    thread.join()
+    assert uses.held() == frozenset({a})
+    uses.close()

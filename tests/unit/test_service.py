@@ -369,6 +369,21 @@ async def test_prefetch_now_is_idempotent_only_while_pending(tmp_path: Path) -> 
         await service.close()
 
 
+async def test_now_prefetches_at_the_same_wall_time_are_distinct_jobs(tmp_path: Path) -> None:
+    # The wall clock does not move: a second "now" prefetch after the first finished
+    # must be a new job, never overwrite the finished one's record.
+    ref = make_model(tmp_path, "m", 1000, 9)
+    service = await running(config(tmp_path), ManualClock())
+    try:
+        first, _ = await service.prefetch(ref)
+        await eventually(lambda: service.job(first.id).state == "done", what="the job")
+        second, created = await service.prefetch(ref)
+        assert created and second.id != first.id
+        assert service.job(first.id).state == "done"
+    finally:
+        await service.close()
+
+
 async def test_evict_matches_short_revisions_only_within_the_location(tmp_path: Path) -> None:
     a = make_model(tmp_path, "a", 1000, 10)
     b = make_model(tmp_path, "b", 1000, 11)
