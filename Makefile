@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-all demo lint typecheck clean
+.PHONY: install test test-fast demo lint typecheck clean
 
 install: $(STAMP)
 
@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
-test-all: $(STAMP)
-	$(PY) -m pytest -m "slow or not slow"
+# Everything but the slow scenarios (crash loops, storms, the demo): a quick check.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m weightcache demo

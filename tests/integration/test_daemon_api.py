@@ -175,7 +175,12 @@ def test_daemon_serves_socket_and_tcp_then_stops_on_sigterm(
 
     # Streaming over the socket: progress lines, then the result.
     conn = UnixHTTPConnection(sock, timeout=30.0, read_timeout=30.0)
-    conn.request("POST", "/v1/ensure", body=json.dumps({"ref": ref, "stream": True}))
+    conn.request(
+        "POST",
+        "/v1/ensure",
+        body=json.dumps({"ref": ref, "stream": True}),
+        headers={"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     lines = [json.loads(x) for x in resp.read().splitlines()]
     conn.close()
@@ -227,7 +232,12 @@ def test_sigterm_during_a_pull_exits_within_the_shutdown_timeout(
     def worker_process() -> None:
         try:
             conn = UnixHTTPConnection(sock, timeout=60.0, read_timeout=60.0)
-            conn.request("POST", "/v1/ensure", body=json.dumps({"ref": ref, "stream": stream}))
+            conn.request(
+                "POST",
+                "/v1/ensure",
+                body=json.dumps({"ref": ref, "stream": stream}),
+                headers={"Content-Type": "application/json"},
+            )
             resp = conn.getresponse()
             lines: list[dict[str, Any]] = []
             answers.append((resp.status, lines))

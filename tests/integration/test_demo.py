@@ -66,6 +66,7 @@ def _daemon_counter(out: str, name: str) -> int:
     return int(m.group(1))
 
 
+@pytest.mark.slow
 def test_demo_through_the_daemon_one_miss_origin_sends_the_model_once(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -94,6 +95,7 @@ def test_demo_through_the_daemon_one_miss_origin_sends_the_model_once(
     assert _processes_mentioning(scratch) == []
 
 
+@pytest.mark.slow
 def test_cli_demo_embedded_three_workers() -> None:
     proc = subprocess.run(
         [
@@ -132,6 +134,7 @@ def _read_until(proc: subprocess.Popen[bytes], seen: bytes, pattern: bytes) -> b
     return seen
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_workers_daemon_and_server_and_removes_everything() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "weightcache", "demo", "--size-mb", "8"],
