@@ -1,25 +1,43 @@
-"""Read a safetensors file into CPU tensors backed by a memory map.
+"""Read a safetensors file into CPU tensors: mapped copy-on-write, or read into private memory.
 
-No tensor bytes are copied: each tensor is a view of a private mapping of the
-cached blob, so reading a file costs page faults for the bytes actually used,
-served from the page cache when other workers on the node already touched
-them. Only the selected tensors' pages are ever faulted in.
+Two sinks, chosen by ``load(..., mmap=)`` (the name follows ``torch.load``):
+
+* ``mmap=True`` (the default), :meth:`SafetensorsFile.map`: no tensor bytes
+  are copied; each tensor is a view of a private mapping of the cached blob, so
+  reading a file costs page faults for the bytes actually used, served from the
+  page cache when other workers on the node already touched them. Only the
+  selected tensors' pages are ever faulted in.
+* ``mmap=False``, :class:`PrivateRead`: one ``torch.empty`` buffer per file
+  holding only the selected tensors, filled by the reader pool's threads with
+  ``preadv`` straight into it (:mod:`weightcache.client.readers`), laid out by
+  the read plan (:mod:`weightcache.client.plan`) so every tensor is a typed
+  view of it. The tensors are ordinary private memory: no page fault on first
+  touch, no mapping that outlives eviction, nothing shared with other processes.
 """
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 
 from weightcache.client.dtypes import torch_dtype, torch_shape
-from weightcache.client.header import TensorSpec, read_header_fd
+from weightcache.client.header import SafetensorsHeader, TensorSpec, read_header_fd
+from weightcache.client.plan import DEFAULT_ITEM_BYTES, FilePlan, TensorSlot, plan_file
+from weightcache.client.readers import (
+    ReadBatch,
+    ReaderPool,
+    ReadJob,
+    advise_sequential,
+    shared_pool,
+)
 
-__all__ = ["FileTensors", "read_file"]
+__all__ = ["FileTensors", "PrivateRead", "SafetensorsFile", "read_file"]
 
 
 class FileTensors(NamedTuple):
@@ -35,34 +53,94 @@ class FileTensors(NamedTuple):
 
 
 def read_file(
-    path: str | os.PathLike[str], *, select: Callable[[str], bool] | None = None
+    path: str | os.PathLike[str],
+    *,
+    select: Callable[[str], bool] | None = None,
+    mmap: bool = True,
+    pool: ReaderPool | None = None,
+    item_bytes: int = DEFAULT_ITEM_BYTES,
 ) -> FileTensors:
-    """Map the safetensors file at ``path``; return its selected tensors.
+    """The selected tensors of the safetensors file at ``path``.
 
-    ``select`` picks tensors by name (all when ``None``). The tensors are
-    bitwise equal to what ``safetensors.torch.load_file`` gives for them.
+    ``select`` picks tensors by name (all when ``None``). ``mmap``: map the
+    file copy-on-write (``True``) or read the tensors into private memory with
+    ``pool`` (default :func:`~weightcache.client.readers.shared_pool`) in reads
+    of at most ``item_bytes``. Either way the tensors are bitwise equal to what
+    ``safetensors.torch.load_file`` gives for them.
 
     Raises :class:`~weightcache.errors.HeaderInvalid` for a header that lies
-    (nothing is mapped then); ``OSError`` from opening the file propagates.
+    (nothing is mapped or read then); a private read raises
+    :class:`~weightcache.errors.CacheCorrupt` or
+    :class:`~weightcache.errors.CacheIOError`; ``OSError`` from opening the
+    file propagates.
     """
-    if sys.byteorder != "little":
-        # safetensors data is little-endian; viewing it in place would need a
-        # byte swap of every tensor, which this zero-copy path does not do.
-        raise NotImplementedError("weightcache reads safetensors on little-endian hosts only")
+    with SafetensorsFile.open(path) as f:
+        if mmap:
+            tensors, nbytes = f.map(select)
+        else:
+            read = PrivateRead(f, select, pool or shared_pool(), item_bytes=item_bytes)
+            try:
+                tensors = dict(read.tensors())
+            finally:
+                read.cancel()
+            nbytes = read.plan.nbytes
+        return FileTensors(tensors, nbytes, f.names)
 
-    name = os.fsdecode(path)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        # Header and mapping come from the same descriptor, so they describe
-        # the same file even if the path is replaced by a rename meanwhile.
-        header = read_header_fd(fd, os.fstat(fd).st_size, path=name)
+
+class SafetensorsFile:
+    """An open safetensors file whose header was read and validated through its descriptor.
+
+    Header and tensor bytes come from the same descriptor, so they describe the
+    same file even if the path is replaced by a rename meanwhile. Close it (or
+    use ``with``) once its tensors are mapped or read.
+    """
+
+    def __init__(self, fd: int, path: str, header: SafetensorsHeader) -> None:
+        self.fd = fd
+        self.path = path
+        self.header = header
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> SafetensorsFile:
+        if sys.byteorder != "little":
+            # safetensors data is little-endian; viewing it in place would need a
+            # byte swap of every tensor, which neither sink does.
+            raise NotImplementedError("weightcache reads safetensors on little-endian hosts only")
+        name = os.fsdecode(path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            header = read_header_fd(fd, os.fstat(fd).st_size, path=name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, name, header)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every tensor name in the file, in file order."""
+        return tuple(self.header.tensors)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def map(self, select: Callable[[str], bool] | None) -> tuple[dict[str, torch.Tensor], int]:
+        """The selected tensors as copy-on-write views of a private mapping; and their bytes."""
+        name = self.path
         plan = [
             (
                 spec,
                 torch_dtype(spec.dtype, path=name, tensor=spec.name),
                 torch_shape(spec.dtype, spec.shape, path=name, tensor=spec.name),
             )
-            for spec in header.tensors.values()
+            for spec in self.header.tensors.values()
             if select is None or select(spec.name)
         ]
         mapped = [spec for spec, _, _ in plan if spec.nbytes]
@@ -88,19 +166,17 @@ def read_file(
             #   object in each tensor's storage, so it is unmapped only when
             #   the last tensor dies. It does NOT hold a buffer export, so
             #   mmap.close() would succeed and leave the tensors dangling:
-            #   the object is never closed and never escapes this function.
+            #   the object is never closed and never escapes this method.
             # Cost: a private writable map counts toward the commit charge, so
             # hosts with vm.overcommit_memory=2 need room for the span.
-            view = mmap.mmap(fd, mapped[-1].end - base, access=mmap.ACCESS_COPY, offset=base)
-    finally:
-        # The mapping holds its own reference to the file.
-        os.close(fd)
-
-    tensors = {spec.name: _tensor(view, base, spec, dtype, shape) for spec, dtype, shape in plan}
-    return FileTensors(tensors, sum(spec.nbytes for spec, _, _ in plan), tuple(header.tensors))
+            view = mmap.mmap(self.fd, mapped[-1].end - base, access=mmap.ACCESS_COPY, offset=base)
+        tensors = {
+            spec.name: _mapped_tensor(view, base, spec, dtype, shape) for spec, dtype, shape in plan
+        }
+        return tensors, sum(spec.nbytes for spec, _, _ in plan)
 
 
-def _tensor(
+def _mapped_tensor(
     view: mmap.mmap | None,
     base: int,
     spec: TensorSpec,
@@ -126,3 +202,72 @@ def _tensor(
         return raw.clone().view(dtype).reshape(shape)
     count = spec.nbytes // dtype.itemsize
     return torch.frombuffer(view, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+class PrivateRead:
+    """The selected tensors of one open file, being read into one private buffer.
+
+    Construction plans the read, allocates the buffer and starts every read on
+    ``pool``; :meth:`tensors` yields each tensor, in file order, as soon as the
+    reads covering it are done. :meth:`cancel` (idempotent; call it in a
+    ``finally``) stops the reads not started and returns once none is running:
+    only then may the file be closed. The file must stay open until then.
+    """
+
+    def __init__(
+        self,
+        file: SafetensorsFile,
+        select: Callable[[str], bool] | None,
+        pool: ReaderPool,
+        *,
+        item_bytes: int = DEFAULT_ITEM_BYTES,
+    ) -> None:
+        path = file.path
+        self.plan: FilePlan = plan_file(path, file.header, select, item_bytes=item_bytes)
+        # Types first: a dtype this torch lacks fails before any byte is read.
+        self._slots: list[tuple[TensorSlot, torch.dtype, tuple[int, ...]]] = [
+            (
+                slot,
+                torch_dtype(slot.dtype, path=path, tensor=slot.name),
+                torch_shape(slot.dtype, slot.shape, path=path, tensor=slot.name),
+            )
+            for slot in self.plan.tensors
+        ]
+        # One allocation per file. The allocator aligns it to 64 bytes, which the
+        # plan's offsets assume. Not zeroed: every byte a tensor shows is read.
+        self.buffer = torch.empty(self.plan.size, dtype=torch.uint8)
+        # Safe to hand to other threads: the reads write only inside the plan's
+        # disjoint destination ranges, all within the buffer; this object keeps
+        # the buffer (and the caller the descriptor) alive until cancel() has
+        # seen every read finish, and the tensors handed out keep the buffer's
+        # storage alive after that.
+        dest = self.buffer.numpy().data if self.plan.size else memoryview(bytearray())
+        self._ends = [item.dest + item.length for item in self.plan.items]
+        items = self.plan.items
+        if items:
+            advise_sequential(file.fd, items[0].offset, items[-1].end - items[0].offset)
+        self._batch: ReadBatch = pool.batch(
+            ReadJob(file.fd, path, item.offset, dest[item.dest : item.dest + item.length])
+            for item in items
+        )
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` in file order, each once its bytes are read."""
+        for slot, dtype, shape in self._slots:
+            if slot.nbytes == 0:
+                yield slot.name, torch.empty(shape, dtype=dtype)
+                continue
+            end = slot.offset + slot.nbytes
+            # Items are in file order and so in destination order: those ending
+            # at or before this tensor's end are the ones it needs (and those before).
+            self._batch.wait(bisect.bisect_left(self._ends, end) + 1)
+            raw = self.buffer[slot.offset : end]
+            if slot.offset % dtype.itemsize:
+                # Only a plan made elsewhere leaves a tensor misaligned (ours
+                # re-aligns it): copy it into an allocator-aligned tensor.
+                raw = raw.clone()
+            yield slot.name, raw.view(dtype).reshape(shape)
+
+    def cancel(self) -> None:
+        """Stop the reads; returns once none is running (so the file may be closed)."""
+        self._batch.cancel()

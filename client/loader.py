@@ -1,31 +1,39 @@
-"""``weightcache.load``: a ref in, verified tensors on a device out.
+"""``weightcache.load`` and ``iter_load``: a ref in, verified tensors on a device out.
 
 The loader asks the node's daemon to make the ref local (over its Unix socket,
 or ``WEIGHTCACHE_URL``; :mod:`weightcache.client.daemon`). When no daemon
 answers it logs one ``load.fallback`` line and does the same work in this
 process: the embedded mode of :mod:`weightcache.node`, imported only then.
-Either way it then reads every ``*.safetensors`` file of the snapshot through
-our own validated header parser and a memory map. Other files (config,
-tokenizer) are pulled but not loaded; :func:`open_snapshot` returns the
-directory holding them.
+Either way it then opens every ``*.safetensors`` file of the snapshot, checks
+every header (our own validated parser) before any tensor is read, and reads
+the selected tensors file by file, in file order, through one of the CPU sinks
+of :mod:`weightcache.client.cpu`: copy-on-write views of a memory map
+(``mmap=True``, the default) or private memory read by the reader pool
+(``mmap=False``). Other files (config, tokenizer) are pulled but not loaded;
+:func:`open_snapshot` returns the directory holding them.
 
-A daemon load holds a lease on the revision (so the daemon does not evict its
-blobs) until the tensors are mapped; then the lease is released. The mappings
+A load holds a lease on the revision (so the daemon does not evict its blobs)
+until every tensor is mapped or read; then the lease is released. The mappings
 stay valid even if the files are evicted later: an unlinked file lives on while
-it is mapped.
+it is mapped. :func:`load` and :func:`iter_load` are one generator
+(:func:`_load`); ``load`` collects it into a dict.
+
+Every load fills a :class:`~weightcache.client.report.LoadReport` whose phases
+(import, resolve, fetch, read, h2d, cast) add up to its total, and logs it as
+one ``load.done`` line (``load.closed`` when an ``iter_load`` is closed early).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weightcache.client.daemon import DaemonClient, Ensured
-from weightcache.client.report import LoadReport
+from weightcache.client.report import LoadReport, PhaseClock
 from weightcache.client.selection import Selector, check_all_found, make_selector
 from weightcache.config import Config, load_config
 from weightcache.errors import (
@@ -144,98 +152,15 @@ def load_with_report(
     *,
     dtype: torch.dtype | None = None,
     tensors: str | Any | Callable[[str], bool] | None = None,
+    mmap: bool = True,
     config: Config | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """:func:`load`, also returning the :class:`LoadReport` of phases and bytes."""
-    started = time.perf_counter()
-    dev = _resolve_device(device)
-    try:
-        selector: Selector = make_selector(tensors)
-    except TypeError as exc:
-        raise RequestInvalid(f"invalid tensors= selection: {exc}") from exc
-    cfg = config if config is not None else load_config()
-
-    t_ensure = time.perf_counter()
-    ensured = _ensure(ref, cfg)
-    # Wall time as this worker saw it: the round trip to the daemon and any wait for
-    # a shared pull belong to the fetch phase, so the phases add up to the total.
-    ensure_s = time.perf_counter() - t_ensure
-    report = LoadReport(
-        ref=ensured.ref,
-        revision=ensured.revision,
-        device=str(dev),
-        mode=ensured.mode,
-        cache_hit=ensured.cache_hit,
-        origin_bytes=ensured.origin_bytes,
-        reused_bytes=ensured.reused_bytes,
-        coalesced_bytes=ensured.coalesced_bytes,
-        resumed_bytes=ensured.resumed_bytes,
-        retries=ensured.retries,
-        resolve_s=ensured.resolve_seconds,
-        fetch_s=max(0.0, ensure_s - ensured.resolve_seconds),
-    )
-    try:
-        out = _read(ensured, selector, dev, dtype, report)
-    finally:
-        # The tensors map the files now: the blobs may be evicted from here on.
-        _release(ensured, cfg)
-    report.tensors = len(out)
-    report.total_s = time.perf_counter() - started
-    log.info(report.line())
+    report = LoadReport()
+    clock = PhaseClock(report)
+    dev, selector, cfg = _prepare(device, tensors, config, clock)
+    out = dict(_load(ref, dev, selector, cfg, dtype, mmap, clock))
     return out, report
-
-
-def _read(
-    ensured: Ensured,
-    selector: Selector,
-    dev: torch.device,
-    dtype: torch.dtype | None,
-    report: LoadReport,
-) -> dict[str, torch.Tensor]:
-    import torch
-
-    from weightcache.client.cpu import read_file
-
-    t_read = time.perf_counter()
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[str, str] = {}
-    for f in ensured.files:
-        if not f.path.endswith(SAFETENSORS_SUFFIX):
-            continue
-        try:
-            tensors_of_file, nbytes, names = read_file(f.local_path, select=selector)
-        except OSError as exc:
-            raise _read_error(exc, f.path, f.local_path, ensured) from exc
-        for name in names:
-            if name in seen:
-                raise HeaderInvalid(
-                    f"tensor {name!r} appears in both {seen[name]} and {f.path}",
-                    tensor=name,
-                    path=f.path,
-                )
-            seen[name] = f.path
-        out.update(tensors_of_file)
-        report.files += 1
-        report.bytes_read += nbytes
-    try:
-        check_all_found(selector, seen.keys(), where=ensured.ref)
-    except ValueError as exc:
-        raise TensorNotFound(str(exc), ref=ensured.ref) from exc
-    report.read_s = time.perf_counter() - t_read
-
-    if dev.type != "cpu" or dtype is not None:
-        t_h2d = time.perf_counter()
-        for name, t in out.items():
-            moved = t.to(dev, non_blocking=False) if dev.type != "cpu" else t
-            # dtype= casts floating-point tensors only: integer and bool tensors
-            # (token ids, masks, quantized weights) keep their exact values.
-            if dtype is not None and moved.is_floating_point():
-                moved = moved.to(dtype)
-            out[name] = moved
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        report.h2d_s = time.perf_counter() - t_h2d
-    return out
 
 
 def load(
@@ -244,20 +169,243 @@ def load(
     *,
     dtype: torch.dtype | None = None,
     tensors: str | Any | Callable[[str], bool] | None = None,
+    mmap: bool = True,
     config: Config | None = None,
 ) -> dict[str, torch.Tensor]:
     """Return the tensors of every safetensors file of ``ref`` on ``device``.
 
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
-    ``dtype``: cast floating-point tensors after loading. ``tensors``: a
-    subset: exact names, one glob pattern, or a predicate on the name; only
-    the selected tensors' bytes are read. ``config``: defaults to
+    ``dtype``: cast floating-point tensors after loading (integer, bool and
+    complex tensors keep their exact values). ``tensors``: a subset: exact
+    names, one glob pattern, or a predicate on the name; only the selected
+    tensors' bytes are read. ``config``: defaults to
     :func:`weightcache.config.load_config` (``WEIGHTCACHE_*`` variables).
-    On CPU the tensors map the cached, read-only files copy-on-write: no copy is
-    made until a tensor is written to.
+
+    ``mmap`` (CPU; the name follows ``torch.load``): ``True`` maps the cached,
+    read-only files copy-on-write, so no copy is made until a tensor is written
+    to and pages arrive when first touched; ``False`` reads the selected
+    tensors in parallel into private memory (one buffer per file, every tensor
+    a view of it). On CUDA it makes no difference.
     """
-    out, _ = load_with_report(ref, device, dtype=dtype, tensors=tensors, config=config)
+    out, _ = load_with_report(ref, device, dtype=dtype, tensors=tensors, mmap=mmap, config=config)
     return out
+
+
+def iter_load(
+    ref: str,
+    device: Any = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    tensors: str | Any | Callable[[str], bool] | None = None,
+    mmap: bool = True,
+    config: Config | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for the tensors of ``ref``, in file order, as each lands.
+
+    The form ``load_weights(weights)`` of serving engines consumes; the options
+    are :func:`load`'s. The arguments are checked here; the ref is made local
+    when the first tensor is asked for, and the revision is protected from
+    eviction (a daemon lease, or this process's use of it) until the iterator
+    is exhausted or closed (``close()``, or dropped). With ``mmap=False`` the
+    reads of the next file start while this one's tensors are handed out, so at
+    most two files' buffers are held beyond what the caller keeps.
+    """
+    report = LoadReport()
+    clock = PhaseClock(report)
+    dev, selector, cfg = _prepare(device, tensors, config, clock)
+    return _load(ref, dev, selector, cfg, dtype, mmap, clock)
+
+
+def _prepare(
+    device: Any,
+    tensors: str | Any | Callable[[str], bool] | None,
+    config: Config | None,
+    clock: PhaseClock,
+) -> tuple[torch.device, Selector, Config]:
+    """Check the arguments; the torch import is charged to its own phase."""
+    if "torch" not in sys.modules:
+        import torch  # noqa: F401  (~1 s the first time: a phase of its own)
+
+        clock.charge("import")
+    dev = _resolve_device(device)
+    try:
+        selector: Selector = make_selector(tensors)
+    except TypeError as exc:
+        raise RequestInvalid(f"invalid tensors= selection: {exc}") from exc
+    cfg = config if config is not None else load_config()
+    clock.charge("resolve")
+    return dev, selector, cfg
+
+
+def _load(
+    ref: str,
+    dev: torch.device,
+    selector: Selector,
+    cfg: Config,
+    dtype: torch.dtype | None,
+    mmap: bool,
+    clock: PhaseClock,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Ensure, read, release: one load, as a generator of its tensors."""
+    report = clock.report
+    report.device = str(dev)
+    clock.charge("consumer")  # between the call and the first tensor asked for
+    ensured = _ensure(ref, cfg)
+    # Wall time as this worker saw it: the round trip to the daemon and any wait for
+    # a shared pull belong to the fetch phase, so the phases add up to the total.
+    ensure_s = clock.charge("fetch")
+    resolve_s = min(max(ensured.resolve_seconds, 0.0), ensure_s)
+    report.fetch_s -= resolve_s
+    report.resolve_s += resolve_s
+    report.ref = ensured.ref
+    report.revision = ensured.revision
+    report.mode = ensured.mode
+    report.cache_hit = ensured.cache_hit
+    report.origin_bytes = ensured.origin_bytes
+    report.reused_bytes = ensured.reused_bytes
+    report.coalesced_bytes = ensured.coalesced_bytes
+    report.resumed_bytes = ensured.resumed_bytes
+    report.retries = ensured.retries
+    outcome = "failed"
+    try:
+        yield from _tensors(ensured, selector, dev, dtype, clock, mmap=mmap)
+        outcome = "done"
+    except GeneratorExit:
+        outcome = "closed"
+        raise
+    finally:
+        clock.charge("read")
+        # The tensors map the files or were read whole: the blobs may be evicted
+        # from here on (an unlinked file lives on while it is mapped).
+        _release(ensured, cfg)
+        clock.finish("fetch")
+        if outcome == "done":
+            log.info(report.line())
+        elif outcome == "closed":
+            # iter_load's caller stopped early: say so, with what it got.
+            log.info(report.line().replace("load.done", "load.closed", 1))
+
+
+def _read(
+    ensured: Ensured,
+    selector: Selector,
+    dev: torch.device,
+    dtype: torch.dtype | None,
+    report: LoadReport,
+    *,
+    mmap: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Every selected tensor of an ensured revision (no lease handling)."""
+    return dict(_tensors(ensured, selector, dev, dtype, PhaseClock(report), mmap=mmap))
+
+
+def _tensors(
+    ensured: Ensured,
+    selector: Selector,
+    dev: torch.device,
+    dtype: torch.dtype | None,
+    clock: PhaseClock,
+    *,
+    mmap: bool,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The selected tensors of every safetensors file, file by file, in file order.
+
+    Every header is read and checked (duplicate names across files, exact names
+    that no file holds) before the first tensor is read or yielded.
+    """
+    import torch
+
+    from weightcache.client.cpu import PrivateRead, SafetensorsFile
+    from weightcache.client.readers import shared_pool
+
+    report = clock.report
+    # Until CUDA has a sink of its own, a CUDA load maps and copies: mmap=False
+    # would only add a host copy.
+    private = not mmap and dev.type == "cpu"
+    report.sink = "read" if private else "mmap"
+    opened: list[tuple[str, Path, SafetensorsFile]] = []
+    started: list[PrivateRead] = []
+    try:
+        seen: dict[str, str] = {}
+        for f in ensured.files:
+            if not f.path.endswith(SAFETENSORS_SUFFIX):
+                continue
+            try:
+                sf = SafetensorsFile.open(f.local_path)
+            except OSError as exc:
+                raise _read_error(exc, f.path, f.local_path, ensured) from exc
+            opened.append((f.path, f.local_path, sf))
+            for name in sf.names:
+                if name in seen:
+                    raise HeaderInvalid(
+                        f"tensor {name!r} appears in both {seen[name]} and {f.path}",
+                        tensor=name,
+                        path=f.path,
+                    )
+                seen[name] = f.path
+        try:
+            check_all_found(selector, seen.keys(), where=ensured.ref)
+        except ValueError as exc:
+            raise TensorNotFound(str(exc), ref=ensured.ref) from exc
+        report.files = len(opened)
+
+        pool = shared_pool() if private else None
+        ahead: PrivateRead | None = None
+        for i, (path, local, sf) in enumerate(opened):
+            source: Iterator[tuple[str, torch.Tensor]]
+            if pool is not None:
+                read = ahead if ahead is not None else PrivateRead(sf, selector, pool)
+                if read is not ahead:
+                    started.append(read)
+                ahead = None
+                if i + 1 < len(opened):
+                    # Keep the pool busy while this file's tensors are handed out.
+                    ahead = PrivateRead(opened[i + 1][2], selector, pool)
+                    started.append(ahead)
+                report.bytes_read += read.plan.nbytes
+                source = read.tensors()
+            else:
+                try:
+                    mapped, nbytes = sf.map(selector)
+                except OSError as exc:
+                    raise _read_error(exc, path, local, ensured) from exc
+                # The mapping holds its own reference to the file.
+                sf.close()
+                report.bytes_read += nbytes
+                source = iter(mapped.items())
+                del mapped
+            for name, tensor in source:
+                clock.charge("read")
+                if dev.type != "cpu":
+                    tensor = tensor.to(dev, non_blocking=False)
+                    clock.charge("h2d")
+                # dtype= casts floating-point tensors only: integer and bool tensors
+                # (token ids, masks, quantized weights) keep their exact values.
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                    clock.charge("cast")
+                report.tensors += 1
+                try:
+                    yield name, tensor
+                finally:
+                    # The caller's time, up to asking for the next tensor or closing.
+                    clock.charge("consumer")
+                del tensor
+            if pool is not None:
+                # Every read of this file is done; none can still use the descriptor.
+                started.pop(0).cancel()
+                sf.close()
+        if dev.type == "cuda":
+            clock.charge("read")
+            torch.cuda.synchronize(dev)
+            clock.charge("h2d")
+    finally:
+        # Reads still running write into buffers and read descriptors this frame
+        # owns: stop them, and wait for them, before the descriptors are closed.
+        for read in started:
+            read.cancel()
+        for _, _, sf in opened:
+            sf.close()
 
 
 def _read_error(exc: OSError, path: str, local: Path, ensured: Ensured) -> WeightcacheError:

@@ -1,6 +1,6 @@
 """weightcache: verified, node-local model weights and a fast safetensors loader.
 
-Importing this package is cheap: ``load`` and ``open`` import the loader on
+Importing this package is cheap: ``load``, ``iter_load`` and ``open`` import the loader on
 first call, the loader imports the embedded pull machinery only when no daemon
 answers, and nothing here imports the aiohttp server or uvloop.
 """
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from weightcache.errors import WeightcacheError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from contextlib import AbstractContextManager
     from pathlib import Path
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
     from weightcache.client.report import LoadReport
 
-__all__ = ["WeightcacheError", "load", "load_with_report", "open", "snapshot"]
+__all__ = ["WeightcacheError", "iter_load", "load", "load_with_report", "open", "snapshot"]
 __version__ = "0.1.0"
 
 
@@ -31,6 +32,19 @@ def load(ref: str, device: Any = "cpu", **kwargs: Any) -> dict[str, torch.Tensor
     from weightcache.client import loader
 
     tensors: dict[str, torch.Tensor] = loader.load(ref, device, **kwargs)
+    return tensors
+
+
+def iter_load(ref: str, device: Any = "cpu", **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` as each tensor of ``ref`` lands on ``device``, in file order.
+
+    For engines whose ``load_weights`` takes an iterator; the revision is kept
+    from eviction until the iterator is exhausted or closed. See
+    :func:`weightcache.client.loader.iter_load`.
+    """
+    from weightcache.client import loader
+
+    tensors: Iterator[tuple[str, torch.Tensor]] = loader.iter_load(ref, device, **kwargs)
     return tensors
 
 

@@ -1,4 +1,9 @@
-"""CPU reads are differential: bitwise what safetensors.torch.load_file returns."""
+"""CPU reads are differential: bitwise what safetensors.torch.load_file returns.
+
+Both sinks: the copy-on-write mapping (``mmap=True``) and the private read into
+one buffer per file (``mmap=False``, in small items so that tensors straddle
+reads).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +20,7 @@ import pytest
 import safetensors.torch as safetensors_torch
 import torch
 
+from weightcache.client import readers
 from weightcache.client.cpu import read_file
 from weightcache.client.dtypes import torch_dtype, torch_shape
 from weightcache.client.header import DTYPE_BITS
@@ -75,8 +82,20 @@ def save(tmp_path: Path, tensors: dict[str, Any], name: str = "m.safetensors") -
     return path
 
 
+#: both sinks: mapped copy-on-write, and read into private memory
+SINKS = pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "read"])
+#: small reads for the private sink, so tensors straddle items and items split tensors
+ITEM_BYTES = 1000
+
+
+def read(path: Path, *, mmap: bool = True, **kwargs: Any) -> Any:
+    if not mmap:
+        kwargs.setdefault("item_bytes", ITEM_BYTES)
+    return read_file(path, mmap=mmap, **kwargs)
+
+
 def check_against_load_file(path: Path, **kwargs: Any) -> dict[str, Any]:
-    got, nbytes, names = read_file(path, **kwargs)
+    got, nbytes, names = read(path, **kwargs)
     want = safetensors_torch.load_file(path)
     select = kwargs.get("select")
     if select is not None:
@@ -101,7 +120,8 @@ def test_every_dtype_in_the_table_maps_like_safetensors() -> None:
 
 
 @pytest.mark.parametrize("name", ALL_DTYPES)
-def test_every_dtype_bitwise(tmp_path: Path, name: str) -> None:
+@SINKS
+def test_every_dtype_bitwise(tmp_path: Path, mmap: bool, name: str) -> None:
     dtype = torch_dtype(name)
     tensors = {
         "matrix": random_tensor(dtype, (7, 6), 1),
@@ -113,37 +133,41 @@ def test_every_dtype_bitwise(tmp_path: Path, name: str) -> None:
     if name != "F4":  # a packed F4 pair cannot be a 0-d tensor
         tensors["scalar"] = random_tensor(dtype, (), 4)
     path = save(tmp_path, tensors)
-    got = check_against_load_file(path)
+    got = check_against_load_file(path, mmap=mmap)
     # And bitwise what was written, not only what load_file thinks it was.
     assert_bitwise_equal(got, tensors)
 
 
-def test_mixed_dtypes_in_one_file(tmp_path: Path) -> None:
+@SINKS
+def test_mixed_dtypes_in_one_file(tmp_path: Path, mmap: bool) -> None:
     tensors = {
         f"t.{name}.{i}": random_tensor(torch_dtype(name), shape, i)
         for i, shape in enumerate([(3,), (5, 2), (1, 1, 4)])
         for name in ALL_DTYPES
     }
-    check_against_load_file(save(tmp_path, tensors))
+    check_against_load_file(save(tmp_path, tensors), mmap=mmap)
 
 
-def test_large_tensor(tmp_path: Path) -> None:
+@SINKS
+def test_large_tensor(tmp_path: Path, mmap: bool) -> None:
     big = random_tensor(torch.bfloat16, (2048, 2048), 7)  # 8 MiB
     path = save(tmp_path, {"big": big, "tail": torch.arange(3, dtype=torch.int64)})
-    got = check_against_load_file(path)
+    got = check_against_load_file(path, mmap=mmap)
     assert_bitwise_equal({"big": got["big"]}, {"big": big})
 
 
-def test_many_tensors(tmp_path: Path) -> None:
+@SINKS
+def test_many_tensors(tmp_path: Path, mmap: bool) -> None:
     tensors = {f"layers.{i}.w": random_tensor(torch.float16, (i % 7, 3), i) for i in range(600)}
-    check_against_load_file(save(tmp_path, tensors))
+    check_against_load_file(save(tmp_path, tensors), mmap=mmap)
 
 
-def test_empty_file_of_tensors(tmp_path: Path) -> None:
+@SINKS
+def test_empty_file_of_tensors(tmp_path: Path, mmap: bool) -> None:
     path = save(tmp_path, {})
-    assert read_file(path) == ({}, 0, ())
+    assert read(path, mmap=mmap) == ({}, 0, ())
     only_empty = save(tmp_path, {"e": torch.empty((0, 3))}, "e.safetensors")
-    got, nbytes, names = read_file(only_empty)
+    got, nbytes, names = read(only_empty, mmap=mmap)
     assert got["e"].shape == (0, 3) and nbytes == 0 and names == ("e",)
 
 
@@ -169,11 +193,12 @@ def model(tmp_path: Path) -> Path:
     ],
     ids=["names", "glob", "glob-class", "glob-case", "predicate", "nothing"],
 )
+@SINKS
 def test_selection_returns_exactly_those_names(
-    tmp_path: Path, spec: Any, expected: set[str]
+    tmp_path: Path, mmap: bool, spec: Any, expected: set[str]
 ) -> None:
     path = model(tmp_path)
-    got = check_against_load_file(path, select=make_selector(spec))
+    got = check_against_load_file(path, select=make_selector(spec), mmap=mmap)
     assert set(got) == expected
 
 
@@ -225,7 +250,8 @@ def handmade(tmp_path: Path, entries: list[tuple[str, str, list[int], bytes]], p
 
 
 @pytest.mark.parametrize("pad", range(8))
-def test_misaligned_offsets_are_copied_aligned(tmp_path: Path, pad: int) -> None:
+@SINKS
+def test_misaligned_offsets_are_copied_aligned(tmp_path: Path, mmap: bool, pad: int) -> None:
     f32 = struct.pack("<3f", 1.5, float("nan"), -2.0)
     f64 = struct.pack("<2d", 3.25, -0.0)
     i16 = struct.pack("<3h", -7, 8, 32767)
@@ -242,7 +268,7 @@ def test_misaligned_offsets_are_copied_aligned(tmp_path: Path, pad: int) -> None
         ],
         pad,
     )
-    got = check_against_load_file(path)
+    got = check_against_load_file(path, mmap=mmap)
     assert got["f32"].view(torch.int32).tolist() == list(struct.unpack("<3i", f32))
     assert got["f64"].tolist() == [3.25, -0.0]
     assert got["i16"].tolist() == [-7, 8, 32767]
@@ -266,26 +292,28 @@ def test_writes_stay_private_and_tensors_outlive_the_file(tmp_path: Path) -> Non
     assert torch.equal(w, original + 1)
 
 
-def test_lying_header_raises_header_invalid(tmp_path: Path) -> None:
+@SINKS
+def test_lying_header_raises_header_invalid(tmp_path: Path, mmap: bool) -> None:
     path = save(tmp_path, {"w": torch.zeros(4)})
     with open(path, "ab") as f:
         f.write(b"\0\0\0\0")
     with pytest.raises(HeaderInvalid) as info:
-        read_file(path)
+        read(path, mmap=mmap)
     assert info.value.facts["reason"] == "gap"
     assert info.value.facts["path"] == str(path)
 
 
-def test_f4_with_odd_last_dim_cannot_be_a_torch_tensor(tmp_path: Path) -> None:
+@SINKS
+def test_f4_with_odd_last_dim_cannot_be_a_torch_tensor(tmp_path: Path, mmap: bool) -> None:
     path = handmade(tmp_path, [("q", "F4", [2, 3], b"\0\0\0")], 0)
     with pytest.raises(HeaderInvalid) as info:
-        read_file(path)
+        read(path, mmap=mmap)
     assert info.value.facts["reason"] == "shape_unsupported"
     assert info.value.facts["tensor"] == "q"
     with pytest.raises(Exception, match="last dim"):
         safetensors_torch.load_file(path)  # safetensors refuses it too
     # Unselected, it does not get in the way.
-    got, _, names = read_file(path, select=lambda n: False)
+    got, _, names = read(path, mmap=mmap, select=lambda n: False)
     assert got == {} and names == ("q",)
 
 
@@ -293,3 +321,69 @@ def test_torch_shape_unpacks_only_packed_types() -> None:
     assert torch_shape("F32", (2, 3)) == (2, 3)
     assert torch_shape("F4", (2, 6)) == (2, 3)
     assert torch_shape("F4", (0,)) == (0,)
+
+
+# -- the private read (mmap=False) ---------------------------------------------------
+
+
+def test_private_read_is_one_private_buffer_per_file(tmp_path: Path) -> None:
+    tensors = {
+        f"t.{name}": random_tensor(torch_dtype(name), (5, 3), i)
+        for i, name in enumerate(ALL_DTYPES)
+    }
+    path = save(tmp_path, tensors)
+    got = check_against_load_file(path, mmap=False)
+    storages = {t.untyped_storage().data_ptr() for t in got.values() if t.numel()}
+    assert len(storages) == 1, "every tensor is a view of the file's one buffer"
+    assert mapped_bytes(path) == 0, "nothing maps the file"
+    os.unlink(path)
+    assert_bitwise_equal(got, tensors)
+
+
+def test_private_read_of_a_misaligned_file_copies_nothing(tmp_path: Path) -> None:
+    # The plan gives every tensor an aligned destination, so even a hand-made
+    # file's F32 after a 3-byte U8 is a view of the buffer, not a copy.
+    path = handmade(
+        tmp_path,
+        [
+            ("odd", "U8", [3], b"\x01\x02\x03"),
+            ("f32", "F32", [3], struct.pack("<3f", 1.5, 2.5, -2.0)),
+            ("f64", "F64", [1], struct.pack("<d", 3.25)),
+        ],
+        1,
+    )
+    got = check_against_load_file(path, mmap=False)
+    assert len({t.untyped_storage().data_ptr() for t in got.values()}) == 1
+
+
+def test_private_read_of_a_subset_reads_only_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tensor-parallel rank that selects 1/8 of the tensors reads 1/8 of the bytes.
+    tensors = {f"layers.{i}.w": random_tensor(torch.float16, (128, 64), i) for i in range(64)}
+    path = save(tmp_path, tensors)
+    asked: list[int] = []
+    real = readers._preadv
+
+    def counting(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        asked.append(len(buffers[0]))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(readers, "_preadv", counting)
+    rank = make_selector("layers.*3.w")  # layers.3, 13, 23, ..., 63: 7 of 64
+    got = check_against_load_file(path, mmap=False, select=rank)
+    per_tensor = 128 * 64 * 2
+    assert len(got) == 7 and sum(asked) == 7 * per_tensor
+
+
+@pytest.mark.parametrize("item_bytes", [1, 7, 4096, 16 << 20])
+def test_private_read_item_sizes(tmp_path: Path, item_bytes: int) -> None:
+    tensors = {
+        "a": random_tensor(torch.float32, (33,), 1),
+        "b": random_tensor(torch.int8, (5,), 2),
+        "c": random_tensor(torch.float64, (9,), 3),
+    }
+    path = save(tmp_path, tensors)
+    got, nbytes, _ = read_file(path, mmap=False, item_bytes=item_bytes)
+    assert_bitwise_equal(got, tensors)
+    assert nbytes == 33 * 4 + 5 + 9 * 8
