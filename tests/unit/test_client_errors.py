@@ -62,12 +62,15 @@ def garbage_daemon(tmp_path: Path) -> Iterator[Path]:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(os.fspath(path))
     server.listen(4)
+    server.settimeout(0.05)  # so that the thread sees the stop promptly
     stop = threading.Event()
 
     def serve() -> None:
         while not stop.is_set():
             try:
                 conn, _ = server.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             with conn:
@@ -84,8 +87,8 @@ def garbage_daemon(tmp_path: Path) -> Iterator[Path]:
         yield path
     finally:
         stop.set()
-        server.close()
         thread.join(timeout=2)
+        server.close()
 
 
 def test_a_daemon_answering_garbage_is_response_invalid(garbage_daemon: Path) -> None:
