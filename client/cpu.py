@@ -37,7 +37,7 @@ from weightcache.client.readers import (
     shared_pool,
 )
 
-__all__ = ["FileTensors", "PrivateRead", "SafetensorsFile", "read_file"]
+__all__ = ["FileTensors", "PrivateRead", "SafetensorsFile", "item_size", "read_file"]
 
 
 class FileTensors(NamedTuple):
@@ -58,15 +58,15 @@ def read_file(
     select: Callable[[str], bool] | None = None,
     mmap: bool = True,
     pool: ReaderPool | None = None,
-    item_bytes: int = DEFAULT_ITEM_BYTES,
+    item_bytes: int | None = None,
 ) -> FileTensors:
     """The selected tensors of the safetensors file at ``path``.
 
     ``select`` picks tensors by name (all when ``None``). ``mmap``: map the
     file copy-on-write (``True``) or read the tensors into private memory with
     ``pool`` (default :func:`~weightcache.client.readers.shared_pool`) in reads
-    of at most ``item_bytes``. Either way the tensors are bitwise equal to what
-    ``safetensors.torch.load_file`` gives for them.
+    of at most ``item_bytes`` (default: :func:`item_size`). Either way the
+    tensors are bitwise equal to what ``safetensors.torch.load_file`` gives for them.
 
     Raises :class:`~weightcache.errors.HeaderInvalid` for a header that lies
     (nothing is mapped or read then); a private read raises
@@ -204,6 +204,20 @@ def _mapped_tensor(
     return torch.frombuffer(view, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
+#: the smallest read the default sizing makes: a syscall per MiB costs nothing
+MIN_ITEM_BYTES = 1 << 20
+
+
+def item_size(nbytes: int, threads: int) -> int:
+    """The read size for ``nbytes`` over ``threads``: at most 16 MiB, and small enough
+    that every thread gets about 4 reads of the file (so a small file is read by
+    all of them, and one slow read does not leave the others idle), but at least
+    1 MiB; a multiple of the page size."""
+    per = -(-nbytes // (4 * max(1, threads)))
+    size = min(DEFAULT_ITEM_BYTES, max(MIN_ITEM_BYTES, per))
+    return -(-size // 4096) * 4096
+
+
 class PrivateRead:
     """The selected tensors of one open file, being read into one private buffer.
 
@@ -220,10 +234,16 @@ class PrivateRead:
         select: Callable[[str], bool] | None,
         pool: ReaderPool,
         *,
-        item_bytes: int = DEFAULT_ITEM_BYTES,
+        item_bytes: int | None = None,
     ) -> None:
         path = file.path
-        self.plan: FilePlan = plan_file(path, file.header, select, item_bytes=item_bytes)
+        plan = plan_file(path, file.header, select, item_bytes=item_bytes or DEFAULT_ITEM_BYTES)
+        if (
+            item_bytes is None
+            and (size := item_size(plan.nbytes, pool.threads)) < DEFAULT_ITEM_BYTES
+        ):
+            plan = plan_file(path, file.header, select, item_bytes=size)
+        self.plan: FilePlan = plan
         # Types first: a dtype this torch lacks fails before any byte is read.
         self._slots: list[tuple[TensorSlot, torch.dtype, tuple[int, ...]]] = [
             (

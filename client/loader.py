@@ -53,6 +53,8 @@ from weightcache.retry import Backoff, retry_sync
 if TYPE_CHECKING:
     import torch
 
+    from weightcache.client.readers import ReaderPool
+
 log = logging.getLogger("weightcache.load")
 
 #: how often a load retries a daemon that answers `overloaded`, honouring Retry-After
@@ -294,9 +296,12 @@ def _read(
     report: LoadReport,
     *,
     mmap: bool = True,
+    pool: ReaderPool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every selected tensor of an ensured revision (no lease handling)."""
-    return dict(_tensors(ensured, selector, dev, dtype, PhaseClock(report), mmap=mmap))
+    """Every selected tensor of an ensured revision (no lease handling): the loader's
+    read path, which ``loadtest/cpu_bench.py`` times without the cache around it."""
+    clock = PhaseClock(report)
+    return dict(_tensors(ensured, selector, dev, dtype, clock, mmap=mmap, pool=pool))
 
 
 def _tensors(
@@ -307,11 +312,13 @@ def _tensors(
     clock: PhaseClock,
     *,
     mmap: bool,
+    pool: ReaderPool | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The selected tensors of every safetensors file, file by file, in file order.
 
     Every header is read and checked (duplicate names across files, exact names
-    that no file holds) before the first tensor is read or yielded.
+    that no file holds) before the first tensor is read or yielded. Private reads
+    go through ``pool`` (default: the process's shared pool).
     """
     import torch
 
@@ -349,18 +356,18 @@ def _tensors(
             raise TensorNotFound(str(exc), ref=ensured.ref) from exc
         report.files = len(opened)
 
-        pool = shared_pool() if private else None
+        reader = (pool or shared_pool()) if private else None
         ahead: PrivateRead | None = None
         for i, (path, local, sf) in enumerate(opened):
             source: Iterator[tuple[str, torch.Tensor]]
-            if pool is not None:
-                read = ahead if ahead is not None else PrivateRead(sf, selector, pool)
+            if reader is not None:
+                read = ahead if ahead is not None else PrivateRead(sf, selector, reader)
                 if read is not ahead:
                     started.append(read)
                 ahead = None
                 if i + 1 < len(opened):
                     # Keep the pool busy while this file's tensors are handed out.
-                    ahead = PrivateRead(opened[i + 1][2], selector, pool)
+                    ahead = PrivateRead(opened[i + 1][2], selector, reader)
                     started.append(ahead)
                 report.bytes_read += read.plan.nbytes
                 source = read.tensors()
@@ -391,7 +398,7 @@ def _tensors(
                     # The caller's time, up to asking for the next tensor or closing.
                     clock.charge("consumer")
                 del tensor
-            if pool is not None:
+            if reader is not None:
                 # Every read of this file is done; none can still use the descriptor.
                 started.pop(0).cancel()
                 sf.close()

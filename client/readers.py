@@ -164,7 +164,14 @@ class ReadBatch:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._next = 0
-        self._futures = [pool._executor.submit(self._run, job) for job in jobs]
+        self._futures: list[concurrent.futures.Future[bool]] = []
+        try:
+            for job in jobs:
+                self._futures.append(pool._executor.submit(self._run, job))
+        except BaseException:
+            # A pool that was closed meanwhile, or a bad job: stop what did start.
+            self.cancel()
+            raise
 
     def __len__(self) -> int:
         return len(self._futures)

@@ -21,7 +21,7 @@ import safetensors.torch as safetensors_torch
 import torch
 
 from weightcache.client import readers
-from weightcache.client.cpu import read_file
+from weightcache.client.cpu import item_size, read_file
 from weightcache.client.dtypes import torch_dtype, torch_shape
 from weightcache.client.header import DTYPE_BITS
 from weightcache.client.selection import make_selector
@@ -387,3 +387,12 @@ def test_private_read_item_sizes(tmp_path: Path, item_bytes: int) -> None:
     got, nbytes, _ = read_file(path, mmap=False, item_bytes=item_bytes)
     assert_bitwise_equal(got, tensors)
     assert nbytes == 33 * 4 + 5 + 9 * 8
+
+
+def test_default_reads_are_small_enough_to_share_a_file_between_threads() -> None:
+    mib = 1 << 20
+    assert item_size(1024 * mib, 2) == 16 * mib  # large files: the 16 MiB default
+    assert item_size(64 * mib, 2) == 8 * mib  # about 4 reads per thread
+    assert item_size(64 * mib, 16) == mib  # never under 1 MiB
+    assert item_size(10, 4) == mib
+    assert all(item_size(n, 3) % 4096 == 0 for n in (1, 12345678, 99 * mib))
