@@ -398,10 +398,13 @@ def _tensors(
                     # The caller's time, up to asking for the next tensor or closing.
                     clock.charge("consumer")
                 del tensor
+            # Let the file's buffer go with its last tensor (a dtype= cast drops them).
+            del source
             if reader is not None:
                 # Every read of this file is done; none can still use the descriptor.
                 started.pop(0).cancel()
                 sf.close()
+                del read
         if dev.type == "cuda":
             clock.charge("read")
             torch.cuda.synchronize(dev)
