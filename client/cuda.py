@@ -53,6 +53,7 @@ from weightcache.client.ring import (
     Segment,
     StagingRing,
     ThreadCopier,
+    TransferStats,
     check_shape,
 )
 from weightcache.errors import DeviceUnavailable
@@ -279,6 +280,7 @@ def load_cuda(
     *,
     ring: StagingRing[Any, torch.Tensor] | None = None,
     pool: ReaderPool | None = None,
+    stats: TransferStats | None = None,
 ) -> Tensors:
     """``(name, tensor)`` on ``device`` for every tensor of ``plans``, in file order, as each lands.
 
@@ -292,6 +294,8 @@ def load_cuda(
     reads raise :class:`~weightcache.errors.CacheIOError` or
     :class:`~weightcache.errors.CacheCorrupt`; a dtype this torch lacks raises
     :class:`~weightcache.errors.HeaderInvalid` before anything is read.
+    ``stats`` is filled in with the time reads and copies were in flight (they
+    overlap) once the iterator ends or is closed: the load report's phases.
     """
     dev = _cuda_device(device)
     return load_staged(
@@ -300,6 +304,7 @@ def load_cuda(
         ring if ring is not None else shared_ring(dev),
         pool if pool is not None else shared_pool(),
         device=dev,
+        stats=stats,
     )
 
 
@@ -310,6 +315,7 @@ def load_staged(
     reader: Reader,
     *,
     device: torch.device,
+    stats: TransferStats | None = None,
 ) -> Tensors:
     """:func:`load_cuda` over any ring with uint8 tensor destinations on ``device``.
 
@@ -319,7 +325,7 @@ def load_staged(
     if len(plans) != len(fds):
         raise ValueError(f"{len(plans)} plans but {len(fds)} descriptors")
     layouts = [_layout(plan) for plan in plans]
-    return _stream(plans, fds, layouts, ring, reader, device)
+    return _stream(plans, fds, layouts, ring, reader, device, stats)
 
 
 class _Slot:
@@ -359,6 +365,7 @@ def _stream(
     ring: StagingRing[Any, torch.Tensor],
     reader: Reader,
     device: torch.device,
+    stats: TransferStats | None,
 ) -> Tensors:
     dests: list[torch.Tensor | None] = [None] * len(plans)
     # which file each segment handed to the ring belongs to, in order
@@ -392,7 +399,7 @@ def _stream(
             at[1] = t + 1
             yield s.slot.name, _tensor(dests[f], s, device)
 
-    transfer = ring.transfer(segments(), reader)
+    transfer = ring.transfer(segments(), reader, stats=stats)
     with contextlib.closing(transfer):
         yield from ready()
         for _ in transfer:

@@ -55,6 +55,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import CancelledError, Future
@@ -74,6 +75,7 @@ __all__ = [
     "StagingRing",
     "ThreadCopier",
     "ThreadEvent",
+    "TransferStats",
     "check_shape",
 ]
 
@@ -220,9 +222,30 @@ class _Buffer(Generic[S]):
     view: memoryview
 
 
+@dataclass
+class TransferStats:
+    """Where one :meth:`StagingRing.transfer` spent its time, for a load's report.
+
+    ``read_s``: the time some read of the load was in flight (from a batch's
+    reads being submitted to its last one landing, the union over batches);
+    ``copy_s``: the time some copy was (from being queued to its event being
+    seen complete). The two overlap: ``read_s + copy_s`` minus the transfer's
+    wall time is about the time both ran.
+    """
+
+    read_s: float = 0.0
+    copy_s: float = 0.0
+    bytes: int = 0
+    batches: int = 0
+
+
 @dataclass(eq=False, slots=True)
 class _Load:
     cancelled: bool = False
+    #: (start, end) perf_counter spans of reads and copies, for TransferStats
+    reads: list[tuple[float, float]] = field(default_factory=list)
+    copies: list[tuple[float, float]] = field(default_factory=list)
+    nbytes: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -251,6 +274,9 @@ class _Batch(Generic[S, D]):
     error: BaseException | None = None
     #: the read that failed, when one did
     failed_piece: _Piece[D] | None = None
+    #: perf_counter times: reads submitted, copies queued
+    submitted: float = 0.0
+    issued: float = 0.0
 
 
 class _Cursor(Generic[D]):
@@ -313,7 +339,11 @@ class StagingRing(Generic[S, D]):
     # -- the public surface --------------------------------------------------------------
 
     def transfer(
-        self, segments: Iterable[Segment[D]], reader: Reader
+        self,
+        segments: Iterable[Segment[D]],
+        reader: Reader,
+        *,
+        stats: TransferStats | None = None,
     ) -> Generator[Segment[D], None, None]:
         """Read ``segments`` through the ring into their destinations.
 
@@ -322,6 +352,7 @@ class StagingRing(Generic[S, D]):
         completed). ``segments`` is consumed lazily, as buffers come free, so
         it may allocate each destination as it reaches it. Raises the first
         error of a read or copy, after every buffer of this load is back.
+        ``stats``, when given, is filled in when the transfer ends (or stops).
         """
         load = _Load()
         cursor: _Cursor[D] = _Cursor(segments)
@@ -351,6 +382,12 @@ class StagingRing(Generic[S, D]):
             # after this returns and every buffer is back.
             load.cancelled = True
             self._drain(outstanding)
+            if stats is not None:
+                with self._cond:
+                    stats.read_s += _union(load.reads)
+                    stats.copy_s += _union(load.copies)
+                    stats.bytes += load.nbytes
+                    stats.batches += len(load.reads)
 
     def reserve(self) -> None:
         """Allocate every staging buffer now, so that the first load pays no allocation."""
@@ -484,8 +521,11 @@ class StagingRing(Generic[S, D]):
             return
         if batch.state is _State.COPYING:
             self._copying.remove(batch)
+            batch.load.copies.append((batch.issued, time.perf_counter()))
         if error is not None and batch.error is None:
             batch.error = error
+        if state is _State.DONE:
+            batch.load.nbytes += sum(run.length for run in batch.runs)
         batch.state = state
         self._put_back_locked(batch.buffer)
 
@@ -537,6 +577,7 @@ class StagingRing(Generic[S, D]):
         with self._cond:
             batch.pending = len(pieces) + 1
             batch.state = _State.READING
+            batch.submitted = time.perf_counter()
         for i, piece in enumerate(pieces):
             seg = piece.segment
             job = ReadJob(
@@ -583,6 +624,8 @@ class StagingRing(Generic[S, D]):
             batch.pending -= 1
             if batch.pending:
                 return
+            batch.issued = time.perf_counter()
+            batch.load.reads.append((batch.submitted, batch.issued))
             if batch.load.cancelled:
                 self._finish_locked(batch, _State.CANCELLED, None)
                 return
@@ -638,6 +681,18 @@ class StagingRing(Generic[S, D]):
                 self._settle(batch)
             if batch.state is _State.FAILED and batch.error is not None:
                 log.debug("ring.drained_error error=%r", batch.error)
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of ``spans``."""
+    total = 0.0
+    end = float("-inf")
+    for start, stop in sorted(spans):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
 
 
 def _typed(batch: _Batch[S, D]) -> BaseException:

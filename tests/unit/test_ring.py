@@ -17,6 +17,7 @@ import contextlib
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -47,6 +48,7 @@ from weightcache.client.ring import (
     Segment,
     StagingRing,
     ThreadCopier,
+    TransferStats,
 )
 from weightcache.client.selection import make_selector
 from weightcache.errors import CacheCorrupt, CacheIOError, DeviceUnavailable, HeaderInvalid
@@ -798,8 +800,16 @@ def reference(paths: list[Path], select: Any = None) -> dict[str, torch.Tensor]:
 def test_sink_is_bitwise_load_file(pool: ReaderPool, model: list[Path], streams: int) -> None:
     copier = host_copier(streams=streams)
     ring = StagingRing(copier, buffers=3, buffer_bytes=BUF)
+    stats = TransferStats()
     with opened(model) as (plans, fds):
-        got = list(load_staged(plans, fds, ring, pool, device=torch.device("cpu")))
+        started = time.perf_counter()
+        got = list(load_staged(plans, fds, ring, pool, device=torch.device("cpu"), stats=stats))
+        wall = time.perf_counter() - started
+    # What the load report is made of: every byte copied once, reads and copies
+    # each busy for part of the wall time.
+    assert stats.bytes == sum(plan.nbytes for plan in plans)
+    assert 0 < stats.read_s <= wall and 0 < stats.copy_s <= wall
+    assert stats.batches >= stats.bytes // BUF
     names = [name for name, _ in got]
     assert names == [t.name for plan in plans for t in plan.tensors]  # file order
     assert_bitwise(dict(got), reference(model))
