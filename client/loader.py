@@ -53,6 +53,7 @@ from weightcache.retry import Backoff, retry_sync
 if TYPE_CHECKING:
     import torch
 
+    from weightcache.client.cpu import SafetensorsFile
     from weightcache.client.readers import ReaderPool
 
 log = logging.getLogger("weightcache.load")
@@ -356,6 +357,14 @@ def _tensors(
             raise TensorNotFound(str(exc), ref=ensured.ref) from exc
         report.files = len(opened)
 
+        if dev.type == "cuda":
+            from weightcache.client.cuda import cuda_sink_available
+
+            if cuda_sink_available(dev):
+                # The pinned staging ring: reads and host-to-device copies overlap.
+                yield from _cuda_tensors(opened, selector, dev, dtype, clock, pool)
+                return
+
         reader = (pool or shared_pool()) if private else None
         ahead: PrivateRead | None = None
         for i, (path, local, sf) in enumerate(opened):
@@ -416,6 +425,53 @@ def _tensors(
             read.cancel()
         for _, _, sf in opened:
             sf.close()
+
+
+def _cuda_tensors(
+    opened: list[tuple[str, Path, SafetensorsFile]],
+    selector: Selector,
+    dev: torch.device,
+    dtype: torch.dtype | None,
+    clock: PhaseClock,
+    pool: ReaderPool | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """CUDA loads through the process's pinned staging ring (``client/cuda.py``): one
+    device allocation per file, tensors yielded as their bytes land. The caller
+    closes the files, after this generator is closed (no read or copy runs then)."""
+    from weightcache.client.cuda import load_cuda
+    from weightcache.client.plan import plan_file
+    from weightcache.client.ring import TransferStats
+
+    report = clock.report
+    report.sink = "cuda"
+    plans = [plan_file(sf.path, sf.header, selector) for _, _, sf in opened]
+    report.bytes_read += sum(p.nbytes for p in plans)
+    stats = TransferStats()
+    waited = 0.0
+    tensors = load_cuda(plans, [sf.fd for _, _, sf in opened], dev, pool=pool, stats=stats)
+    try:
+        for name, tensor in tensors:
+            waited += clock.charge("h2d")  # waiting on the ring: reads and copies
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)  # cast on the device
+                clock.charge("cast")
+            report.tensors += 1
+            try:
+                yield name, tensor
+            finally:
+                clock.charge("consumer")
+            del tensor
+    finally:
+        tensors.close()
+        # The wait charged to h2d was reads and copies running at once: split it.
+        report.h2d_s -= waited
+        report.read_s += stats.read_s
+        report.h2d_s += stats.copy_s
+        overlap = stats.read_s + stats.copy_s - waited
+        if overlap >= 0:
+            report.overlap_s += overlap
+        else:
+            report.read_s -= overlap
 
 
 def _read_error(exc: OSError, path: str, local: Path, ensured: Ensured) -> WeightcacheError:
