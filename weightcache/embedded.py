@@ -46,6 +46,7 @@ class Embedded:
         self.node = Node(cfg, clock=clock or RealClock(), rng=rng or random.Random())
         #: may outlive this object: a use kept past ensure() is the caller's to release
         self.uses = uses if uses is not None else RevisionUses(self.node.store.locks)
+        self._own_uses = uses is None
         self.budget = Budget(cfg, self.node.store, self.node.index, self.uses)
         self._evict_lock = asyncio.Lock()
 
@@ -98,6 +99,8 @@ class Embedded:
 
     async def aclose(self) -> None:
         await self.node.aclose()
+        if self._own_uses:
+            self.uses.close()
 
 
 def run_blocking(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
