@@ -10,7 +10,8 @@ Every method blocks (file system, SQLite): call it in a worker thread, handing
 it a :class:`Protection` built on the event loop, never the loop's own sets.
 Eviction runs under the exclusive cache lock (:mod:`weightcache.locks`) and
 protects, besides what the caller names, every revision any process on the
-node uses now and every unexpired lease in the index.
+node uses now and every unexpired lease and pin (a recurring prefetch holding
+its model until its peak + hold, :mod:`weightcache.schedules`) in the index.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class Protection:
 
     revisions: frozenset[str] = frozenset()
     blobs: frozenset[str] = frozenset()
+    #: revisions pinned until a schedule's peak + hold: protected like ``revisions``,
+    #: but never waited for (a pin is not released by a pull or a load finishing)
+    pinned: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Budget:
     store: Store
     index: Index
     uses: RevisionUses
+    #: the time leases and pins expire by (the daemon's own wall clock)
+    wall: Callable[[], float] = field(default=time.time, repr=False)
     _memo: dict[str, Manifest] = field(default_factory=dict, repr=False)
     _memo_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -106,10 +112,18 @@ class Budget:
     def _leased(self) -> frozenset[str]:
         """Revisions with an unexpired lease in the index (any daemon's, seen from
         embedded mode as well)."""
-        now = time.time()
+        return self._unexpired("lease")
+
+    def _pinned(self) -> frozenset[str]:
+        """Revisions pinned by a schedule until its peak + hold (any daemon's, seen from
+        embedded mode as well)."""
+        return self._unexpired("pin")
+
+    def _unexpired(self, kind: str) -> frozenset[str]:
+        now = self.wall()
         return frozenset(
             str(rec["revision"])
-            for _, rec in self.index.items("lease")
+            for _, rec in self.index.items(kind)
             if float(rec.get("expires", 0)) > now
         )
 
@@ -201,7 +215,13 @@ class Budget:
                 self.revisions(),
                 dict(self.store.iter_blobs()),
                 need=need,
-                protected_revisions=set(protection.revisions | busy | self._leased()),
+                protected_revisions=set(
+                    protection.revisions
+                    | protection.pinned
+                    | busy
+                    | self._leased()
+                    | self._pinned()
+                ),
                 protected_blobs=set(protection.blobs | busy_blobs),
             )
             if chosen.shortfall and not partial:
@@ -213,9 +233,9 @@ class Budget:
         """Remove one revision and every blob only it used (an admin's evict).
 
         Refused (``model_leased``) while any process on the node uses the
-        revision, and, unless ``force``, while a lease in the index holds it:
-        ``force`` overrides leases, never a use in progress (a pull, a hit being
-        leased, a worker inside ``weightcache.snapshot()``).
+        revision, and, unless ``force``, while a lease or a pin in the index holds
+        it: ``force`` overrides leases and pins, never a use in progress (a pull, a
+        hit being leased, a worker inside ``weightcache.snapshot()``).
         """
         with self.uses.cache_lock.exclusive():
             busy = self.uses.busy(prune=True)
@@ -231,6 +251,13 @@ class Budget:
                     f"revision {rev[:16]} is leased",
                     hint="wait for the workers to finish, or pass force to evict anyway",
                     revision=rev,
+                )
+            if not force and rev in protection.pinned | self._pinned():
+                raise ModelLeased(
+                    f"revision {rev[:16]} is pinned by a recurring prefetch until its hold ends",
+                    hint="remove the schedule (`weightcache jobs --remove ID`), or pass force",
+                    revision=rev,
+                    pinned=True,
                 )
             _, busy_blobs = self._pending(busy)
             revisions = self.revisions()

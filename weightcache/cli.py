@@ -246,6 +246,27 @@ def parse_when(text: str, now: float) -> float:
     return when.timestamp()
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+
+
+def parse_duration(text: str, *, name: str = "duration") -> float:
+    """``--lead``/``--hold`` as seconds: ``90``, ``90s``, ``15m``, ``2h``, ``1d``, ``1h30m``."""
+    value = text.strip().lower()
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(value):
+        if m.start() != pos or (not m.group(2) and m.end() != len(value)):
+            break
+        total += float(m.group(1)) * _UNIT_S.get(m.group(2) or "s", 1.0)
+        pos = m.end()
+    if not value or pos != len(value):
+        raise RequestInvalid(
+            f"{name} is not a duration: {text!r}",
+            field=name,
+            hint="use seconds or a number with s, m, h or d, e.g. 90, 15m, 2h, 1h30m",
+        )
+    return total
+
+
 def _daemon_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {}
     if getattr(args, "cache_dir", None):
@@ -299,6 +320,11 @@ def _percent(done: Any, total: Any) -> str:
 def cmd_prefetch(args: argparse.Namespace) -> int:
     cfg = _daemon_config(args)
     client = _daemon_client(cfg)
+    if args.every is not None:
+        return _prefetch_recurring(args, client)
+    for flag, value in (("--lead", args.lead), ("--hold", args.hold), ("--tz", args.tz)):
+        if value is not None:
+            raise RequestInvalid(f"{flag} applies to a recurring prefetch only: add --every")
     now = time.time()
     at = parse_when(args.at, now) if args.at else None
     deadline = parse_when(args.deadline, now) if args.deadline else None
@@ -315,6 +341,42 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     print(f"  starts after {_when(job.get('start_after'))}, priority {job.get('priority')}")
     if job.get("deadline") is not None:
         print(f"  deadline {_when(job.get('deadline'))}")
+    return 0
+
+
+def _prefetch_recurring(args: argparse.Namespace, client: Any) -> int:
+    if args.at or args.deadline:
+        raise RequestInvalid(
+            "--at and --deadline do not apply with --every: each occurrence is a peak, its "
+            "job starts --lead before it and must be done by it"
+        )
+    doc: dict[str, Any] = {"ref": args.ref, "schedule": args.every, "priority": args.priority}
+    if args.lead is not None:
+        doc["lead_s"] = parse_duration(args.lead, name="--lead")
+    if args.hold is not None:
+        doc["hold_s"] = parse_duration(args.hold, name="--hold")
+    if args.tz is not None:
+        doc["tz"] = args.tz
+    try:
+        # The client library has no call for schedules yet: the generic one.
+        answer = client._call("POST", "/v1/prefetch", doc)
+    except DaemonUnavailable:
+        return _no_daemon(client)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    sched = answer.get("schedule", {})
+    verb = "scheduled" if answer.get("created") else "already scheduled:"
+    print(
+        f"{verb} {sched.get('id')}: {sched.get('ref')} every {sched.get('every')!r} "
+        f"({sched.get('tz')})"
+    )
+    print(
+        f"  lead {_duration(sched.get('lead_s') or 0)}, hold {_duration(sched.get('hold_s') or 0)}"
+        f", priority {sched.get('priority')}"
+    )
+    print(f"  next peak {_when(sched.get('peak'))}, job starts after {_when(sched.get('starts'))}")
+    print(f"  remove with: weightcache jobs --remove {sched.get('id')}")
     return 0
 
 
@@ -361,6 +423,33 @@ def _print_status(doc: dict[str, Any]) -> None:
         jobs_text = str(jobs if jobs is not None else 0)
     print(f"leases    {doc.get('leases', 0)}")
     print(f"jobs      {jobs_text}")
+    prefetch = doc.get("prefetch") or {}
+    outcomes = prefetch.get("outcomes") or {}
+    if outcomes or prefetch.get("schedules"):
+        print(
+            f"schedules {len(prefetch.get('schedules') or [])}; jobs finished "
+            + ", ".join(f"{k} {v}" for k, v in outcomes.items())
+        )
+    pins = doc.get("pins") or []
+    print(f"pins      {len(pins)}, {_human(doc.get('pinned_bytes', 0))}")
+    for p in pins:
+        print(
+            f"  {str(p.get('revision', ''))[:16]}  {_human(p.get('bytes', 0)):>10}  until "
+            f"{_when(p.get('expires'))}  schedule {p.get('schedule')} ({p.get('source')})  "
+            f"{p.get('ref', '')}"
+        )
+    auto = doc.get("auto") or {}
+    if auto.get("enabled") or auto.get("decisions"):
+        print(
+            f"auto      {'on' if auto.get('enabled') else 'off'}: {auto.get('schedules', 0)} "
+            f"schedules, pins {_human(auto.get('pinned_bytes', 0))} of "
+            f"{_human(auto.get('pin_budget_bytes', 0))}"
+        )
+        for d in (auto.get("decisions") or [])[-10:]:
+            print(
+                f"  {_when(d.get('at'))}  {d.get('action')}  {d.get('location')} "
+                f"every {d.get('every')!r}: {d.get('reason')}"
+            )
     errors = doc.get("errors") or {}
     if errors:
         print("errors    " + ", ".join(f"{code} {n}" for code, n in sorted(errors.items())))
@@ -422,6 +511,17 @@ def _print_job(job: dict[str, Any]) -> None:
 def cmd_jobs(args: argparse.Namespace) -> int:
     client = _daemon_client(_daemon_config(args))
     try:
+        if args.remove:
+            removed = client._call("DELETE", f"/v1/schedules/{args.remove}", {})
+            if args.json:
+                print(json.dumps(removed, indent=2))
+            else:
+                print(f"removed schedule {removed.get('removed')}")
+                if removed.get("job_cancelled"):
+                    print(f"  cancelled its pending job {removed['job_cancelled']}")
+                if removed.get("pin_released"):
+                    print(f"  released its pin on {str(removed['pin_released'])[:16]}")
+            return 0
         if args.id:
             job = client.job(args.id)
             if args.json:
@@ -430,11 +530,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 _print_job(job)
             return 0
         jobs = client.jobs()
+        schedules = client._call("GET", "/v1/schedules").get("schedules", [])
     except DaemonUnavailable:
         return _no_daemon(client)
     if args.json:
-        print(json.dumps({"jobs": jobs}, indent=2))
+        print(json.dumps({"jobs": jobs, "schedules": schedules}, indent=2))
         return 0
+    if schedules:
+        _print_schedules(schedules)
     if not jobs:
         print("no prefetch jobs")
         return 0
@@ -448,6 +551,66 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         )
         if j.get("error"):
             print(f"{'':<16}  {j['error'].get('code')}: {j['error'].get('message')}")
+    return 0
+
+
+def _print_schedules(schedules: list[dict[str, Any]]) -> None:
+    print(
+        f"{'SCHEDULE':<16}  {'EVERY':<16}  {'TZ':<14}  {'LEAD':>6}  {'HOLD':>6}  "
+        f"{'NEXT PEAK':<19}  {'PINNED UNTIL':<19}  REF"
+    )
+    for s in schedules:
+        pin = s.get("pin") or {}
+        print(
+            f"{s.get('id', '')!s:<16}  {s.get('every', '')!s:<16}  {s.get('tz', '')!s:<14}  "
+            f"{_duration(s.get('lead_s') or 0):>6}  {_duration(s.get('hold_s') or 0):>6}  "
+            f"{_when(s.get('peak')):<19}  {_when(pin.get('expires')):<19}  {s.get('ref', '')}"
+            + ("  (auto)" if s.get("source") == "auto" else "")
+        )
+    print()
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    client = _daemon_client(_daemon_config(args))
+    try:
+        doc = client._call("GET", "/v1/forecast")
+    except DaemonUnavailable:
+        return _no_daemon(client)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    models = doc.get("models") or []
+    print(
+        f"forecast over the last {doc.get('weeks')} weeks ({doc.get('tz')}); an hour is a "
+        f"pattern with misses in at least {doc.get('min_weeks')} of them"
+    )
+    if not models:
+        print("no requests recorded yet")
+    for m in models:
+        print(
+            f"{m.get('location')}  {_human(m.get('bytes') or 0)}: {m.get('requests', 0)} "
+            f"requests, {m.get('misses', 0)} cold misses"
+            + (f"; scheduled: {', '.join(m['schedules'])}" if m.get("schedules") else "")
+        )
+        hours = m.get("miss_hours") or []
+        if hours:
+            print(
+                "  misses at "
+                + ", ".join(f"{h['day']} {h['hour']:02d}:00 ({h['misses']})" for h in hours[:6])
+            )
+        for sug in m.get("suggestions") or []:
+            print(
+                f"  suggest: weightcache prefetch {m.get('location')} --every '{sug['every']}' "
+                f"--lead {_duration(sug['lead_s'])} --hold {_duration(sug['hold_s'])} "
+                f"--tz {sug['tz']}   (would have saved {sug['misses_saved']} misses, "
+                f"seen in {sug['weeks']} weeks)"
+            )
+    auto = doc.get("auto") or {}
+    if auto.get("enabled"):
+        print(
+            f"prefetch.auto is on: {auto.get('schedules', 0)} automatic schedules, pins "
+            f"{_human(auto.get('pinned_bytes', 0))} of {_human(auto.get('pin_budget_bytes', 0))}"
+        )
     return 0
 
 
@@ -595,9 +758,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--deadline", metavar="TIME", help="finish by then (same forms as --at)")
     p.add_argument(
+        "--every",
+        metavar="CRON",
+        help="recurring: a peak at every occurrence of this cron expression, e.g. '0 9 * * 1-5'",
+    )
+    p.add_argument(
+        "--lead",
+        metavar="DURATION",
+        help="with --every: start this long before each peak (e.g. 15m; default prefetch.lead_s)",
+    )
+    p.add_argument(
+        "--hold",
+        metavar="DURATION",
+        help="with --every: keep the model pinned this long after each peak (e.g. 2h; "
+        "default prefetch.hold_s)",
+    )
+    p.add_argument("--tz", metavar="ZONE", help="with --every: the cron's time zone (default UTC)")
+    p.add_argument(
         "--priority", default="admin", help="worker, admin or background (default admin)"
     )
-    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.add_argument("--json", action="store_true", help="print the job or schedule as JSON")
     p.set_defaults(func=cmd_prefetch)
 
     p = sub.add_parser(
@@ -606,10 +786,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the daemon's status document")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("jobs", parents=[common, to_daemon], help="prefetch jobs and their progress")
+    p = sub.add_parser(
+        "jobs", parents=[common, to_daemon], help="prefetch jobs and recurring schedules"
+    )
     p.add_argument("id", nargs="?", metavar="ID", help="one job in detail")
+    p.add_argument(
+        "--remove", metavar="SCHEDULE", help="remove a recurring schedule (and release its pin)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser(
+        "forecast",
+        parents=[common, to_daemon],
+        help="when cold misses cluster per model, and the schedules that would catch them",
+    )
+    p.add_argument("--json", action="store_true", help="print the daemon's forecast document")
+    p.set_defaults(func=cmd_forecast)
 
     p = sub.add_parser(
         "evict", parents=[common, to_daemon], help="remove a model from the node cache"

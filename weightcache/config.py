@@ -23,6 +23,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from weightcache.errors import ConfigInvalid
 
@@ -125,12 +126,36 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class PrefetchConfig:
+    #: a recurring prefetch starts this long before its peak unless told otherwise;
+    #: also the lead of the schedules the forecast suggests
+    lead_s: float = 900.0
+    #: a recurring prefetch holds its model (a pin) this long after its peak unless told
+    hold_s: float = 7200.0
+    #: the daemon creates the schedules the forecast suggests (within auto_pin_bytes)
+    auto: bool = False
+    #: bytes the pins of automatic schedules may hold in all; required with auto
+    auto_pin_bytes: int = 0
+    #: weeks of request history kept per model location, and looked at by the forecast
+    history_weeks: int = 4
+    #: an hour of the week is a pattern when it had misses in at least this many weeks
+    min_weeks: int = 2
+    #: the history is written to the index at most this often
+    history_write_s: float = 60.0
+    #: model locations with a history; the one seen longest ago is dropped beyond it
+    history_max_models: int = 1024
+    #: the time zone of the history's hours of the week and of suggested schedules
+    tz: str = "UTC"
+
+
+@dataclass(frozen=True)
 class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     s3: S3Config = field(default_factory=S3Config)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
 
     @property
     def socket_path(self) -> Path:
@@ -143,6 +168,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "publish": PublishConfig,
     "s3": S3Config,
     "daemon": DaemonConfig,
+    "prefetch": PrefetchConfig,
 }
 # Secrets are only taken from the environment, never from the TOML file, so that
 # a config file can be shared and committed.
@@ -215,6 +241,14 @@ def _coerce(value: Any, hint: Any, name: str, from_text: bool) -> Any:
     raise TypeError(f"unsupported config type {hint!r}")  # programmer error
 
 
+def _zone_ok(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
 def _check(cfg: Config) -> list[str]:
     problems: list[str] = []
 
@@ -282,6 +316,33 @@ def _check(cfg: Config) -> list[str]:
             "must start with http:// or https://",
             d.url,
         )
+    pf = cfg.prefetch
+    need(pf.lead_s > 0, "prefetch.lead_s", "must be > 0", pf.lead_s)
+    need(pf.hold_s >= 0, "prefetch.hold_s", "must be >= 0", pf.hold_s)
+    need(pf.auto_pin_bytes >= 0, "prefetch.auto_pin_bytes", "must be >= 0", pf.auto_pin_bytes)
+    need(
+        not pf.auto or pf.auto_pin_bytes > 0,
+        "prefetch.auto_pin_bytes",
+        "must be > 0 when prefetch.auto is on (the bytes automatic schedules may pin)",
+        pf.auto_pin_bytes,
+    )
+    need(
+        1 <= pf.history_weeks <= 52, "prefetch.history_weeks", "must be in 1..52", pf.history_weeks
+    )
+    need(
+        1 <= pf.min_weeks <= pf.history_weeks,
+        "prefetch.min_weeks",
+        "must be in 1..prefetch.history_weeks",
+        pf.min_weeks,
+    )
+    need(pf.history_write_s > 0, "prefetch.history_write_s", "must be > 0", pf.history_write_s)
+    need(
+        1 <= pf.history_max_models <= 100_000,
+        "prefetch.history_max_models",
+        "must be in 1..100000",
+        pf.history_max_models,
+    )
+    need(_zone_ok(pf.tz), "prefetch.tz", "must be an IANA time zone such as UTC", pf.tz)
     need(
         cfg.s3.endpoint_url.startswith(("http://", "https://")),
         "s3.endpoint_url",

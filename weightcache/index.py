@@ -94,7 +94,7 @@ def _full_as_cache_full(directory: str) -> Iterator[None]:
 
 
 #: the kinds of record that keep an id set (everything but counters)
-KINDS = ("blob", "snapshot", "lease", "job", "pull")
+KINDS = ("blob", "snapshot", "lease", "job", "pull", "schedule", "pin", "history")
 
 
 class Index:
@@ -194,7 +194,7 @@ class Index:
         for key, rec in self._records("snapshot"):
             yield key, cast(SnapshotRecord, rec)
 
-    # -- records of the daemon (leases, jobs, pulls) -------------------------------------
+    # -- records of the daemon (leases, jobs, pulls, schedules, pins, histories) -----------
 
     def put(self, key: tuple[str, str], value: dict[str, Any]) -> None:
         self._set(key[0], key[1], value)

@@ -6,6 +6,10 @@ window (so a fleet given one ``at`` does not hit the origin in one second), is
 persisted on every change of state and resumes after a restart. The
 :class:`JobBook` owns the jobs and their scheduler loop; what running one means
 (an ensure without a lease) is the owner's, handed in as ``run``.
+
+A job planned by a recurring schedule (:mod:`weightcache.schedules`) names it
+in ``schedule``; its deadline is the occurrence's peak, and one that has not
+started by then is ``missed`` rather than run after the peak it was for.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class Job:
     at: float | None
     deadline: float | None
     priority: str
-    state: str  # scheduled | running | done | failed
+    state: str  # scheduled | running | done | failed | missed
     created: float
     start_after: float
     started: float | None = None
@@ -50,9 +54,24 @@ class Job:
     revision: str | None = None
     late: bool = False
     error: dict[str, Any] | None = None
+    #: the recurring schedule this job is an occurrence of (its deadline is the peak)
+    schedule: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Job:
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def outcome(self) -> str | None:
+        """How a finished job went: on_time, late, failed or missed (None while pending)."""
+        if self.state == "done":
+            return "late" if self.late else "on_time"
+        if self.state in ("failed", "missed"):
+            return self.state
+        return None
 
 
 class Records(Protocol):
@@ -79,20 +98,28 @@ class JobBook:
     records: Records
     run: Runner
     jobs: dict[str, Job] = field(default_factory=dict)
+    #: jobs finished since this process started, by :attr:`Job.outcome`
+    outcomes: Counter[str] = field(default_factory=Counter)
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def load(self, records: list[tuple[str, dict[str, Any]]]) -> None:
         for key, rec in records:
-            job = Job(**rec)
+            job = Job.from_json(rec)
             if job.state == "running":
                 job.state = "scheduled"  # interrupted by a stop: resume it
             self.jobs[key] = job
 
     async def add(
-        self, ref: str, *, at: float | None, deadline: float | None, priority: Priority
+        self,
+        ref: str,
+        *,
+        at: float | None,
+        deadline: float | None,
+        priority: Priority,
+        schedule: str | None = None,
     ) -> tuple[Job, bool]:
-        """The job for ``ref`` at ``at``: (job, created)."""
+        """The job for ``ref`` at ``at`` (of ``schedule``, if any): (job, created)."""
         if at is not None and deadline is not None and deadline <= at:
             raise RequestInvalid("deadline must be after at", field="deadline")
         now = self.wall()
@@ -106,14 +133,17 @@ class JobBook:
             # job must never be overwritten by the next one).
             job_id = digest_bytes(f"{ref}\0now\0{now}\0{secrets.token_hex(8)}".encode())[:16]
         else:
-            job_id = digest_bytes(f"{ref}\0{at}".encode())[:16]
+            key = f"{ref}\0{at}" + (f"\0{schedule}" if schedule else "")
+            job_id = digest_bytes(key.encode())[:16]
             existing = self.jobs.get(job_id)
             if existing is not None:
                 return existing, False
         begin = (
             now if at is None else start_time(at, deadline, self.node_name, job_id, self.spread_s)
         )
-        job = Job(job_id, ref, at, deadline, priority.label, "scheduled", now, begin)
+        job = Job(
+            job_id, ref, at, deadline, priority.label, "scheduled", now, begin, schedule=schedule
+        )
         self.jobs[job_id] = job
         await self.records.put(job_id, job.to_json())
         self._wake.set()
@@ -132,6 +162,31 @@ class JobBook:
     def states(self) -> dict[str, int]:
         return dict(Counter(j.state for j in self.jobs.values()))
 
+    async def cancel(self, job_id: str) -> Job | None:
+        """Forget a job that has not started (its schedule was removed); a running
+        job finishes."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state != "scheduled" or job_id in self._tasks:
+            return None
+        del self.jobs[job_id]
+        await self.records.delete(job_id)
+        log.info("job.cancelled id=%s ref=%s", job_id, job.ref)
+        return job
+
+    async def _miss(self, job: Job, now: float) -> None:
+        job.state = "missed"
+        job.finished = now
+        job.late = True
+        self.outcomes["missed"] += 1
+        await self.records.put(job.id, job.to_json())
+        log.warning(
+            "job.missed id=%s ref=%s schedule=%s peak=%.0f",
+            job.id,
+            job.ref,
+            job.schedule,
+            job.deadline or 0.0,
+        )
+
     async def loop(self) -> None:
         """Start due jobs; forget finished ones after :data:`JOB_RETENTION_S`."""
         while True:
@@ -144,6 +199,17 @@ class JobBook:
             for job_id in expired:
                 del self.jobs[job_id]
                 await self.records.delete(job_id)
+            for job in self.listed():
+                # An occurrence whose peak passed before it started (the daemon was
+                # down) is not replayed: its schedule plans the next one.
+                if (
+                    job.schedule is not None
+                    and job.state == "scheduled"
+                    and job.deadline is not None
+                    and job.deadline <= now
+                    and job.id not in self._tasks
+                ):
+                    await self._miss(job, now)
             for job in self.listed():
                 if (
                     job.state == "scheduled"
@@ -189,6 +255,8 @@ class JobBook:
             job.late = bool(
                 job.deadline is not None and job.finished and job.finished > job.deadline
             )
+            if job.outcome is not None:
+                self.outcomes[job.outcome] += 1
             await asyncio.shield(self.records.put(job.id, job.to_json()))
         log.info("job.%s id=%s ref=%s late=%s", job.state, job.id, job.ref, job.late)
 

@@ -266,6 +266,87 @@ async def test_prefetch_jobs_and_job(api: Api) -> None:
     assert state["done_bytes"] == state["total_bytes"] > 3 * MB
 
 
+async def test_recurring_prefetch_is_a_schedule_listed_fetched_and_removed(api: Api) -> None:
+    body = {
+        "ref": api.ref,
+        "schedule": "0 9 * * 1-5",
+        "tz": "Europe/Berlin",
+        "lead_s": 900,
+        "hold_s": 3600,
+    }
+    headers = {"Content-Type": "application/json"}
+    resp = await api.client.post("/v1/prefetch", json=body, headers=headers)
+    assert resp.status == 201, await resp.text()
+    doc = await resp.json()
+    sched = doc["schedule"]
+    assert resp.headers["Location"] == f"/v1/schedules/{sched['id']}"
+    assert doc["created"] is True and sched["every"] == "0 9 * * 1-5"
+    assert (sched["tz"], sched["lead_s"], sched["hold_s"]) == ("Europe/Berlin", 900, 3600)
+    assert sched["pin"] is None and sched["source"] == "admin" and sched["peak"] > time.time()
+    job = doc["job"]
+    assert job["schedule"] == sched["id"] and job["deadline"] == sched["peak"]
+    assert job["at"] == sched["peak"] - 900 and job["state"] == "scheduled"
+
+    again = await api.json("POST", "/v1/prefetch", 200, json={**body, "schedule": "0 9 * * 1-5 "})
+    assert again["created"] is False and again["schedule"]["id"] == sched["id"]
+    listed = await api.json("GET", "/v1/schedules", 200)
+    assert [s["id"] for s in listed["schedules"]] == [sched["id"]]
+    one = await api.json("GET", f"/v1/schedules/{sched['id']}", 200)
+    assert one["schedule"]["peak"] == sched["peak"]
+    jobs = (await api.json("GET", "/v1/jobs", 200))["jobs"]
+    assert [j["id"] for j in jobs if j["schedule"] == sched["id"]] == [job["id"]]
+    status = await api.json("GET", "/v1/status", 200)
+    assert status["prefetch"]["schedules"][0]["id"] == sched["id"] and status["pins"] == []
+
+    removed = await api.json("DELETE", f"/v1/schedules/{sched['id']}", 200)
+    assert removed["removed"] == sched["id"] and removed["job_cancelled"] == job["id"]
+    await api.error("GET", f"/v1/schedules/{sched['id']}", 404, "not_found")
+    await api.error("DELETE", f"/v1/schedules/{sched['id']}", 404, "not_found")
+    await api.error("GET", f"/v1/jobs/{job['id']}", 404, "not_found")
+    assert (await api.json("GET", "/v1/schedules", 200)) == {"schedules": []}
+
+
+async def test_recurring_prefetch_refusals_name_the_field(api: Api) -> None:
+    for extra, field in (
+        ({"schedule": "0 25 * * *"}, "schedule"),
+        ({"schedule": "not cron"}, "schedule"),
+        ({"schedule": "* * * * *"}, "schedule"),
+        ({"schedule": "0 9 * * *", "tz": "Mars/Olympus_Mons"}, "tz"),
+        ({"schedule": "0 9 * * *", "lead_s": -60}, "lead_s"),
+        ({"schedule": "0 9 * * *", "hold_s": -1}, "hold_s"),
+        ({"schedule": "0 9 * * *", "at": 4102444800}, "at"),
+        ({"tz": "UTC"}, "tz"),
+    ):
+        err = await api.error(
+            "POST", "/v1/prefetch", 400, "request_invalid", json={"ref": api.ref, **extra}
+        )
+        assert err["details"]["field"] == field, (extra, err)
+    assert (await api.json("GET", "/v1/schedules", 200)) == {"schedules": []}
+
+
+async def test_forecast_lists_models_seen(api: Api) -> None:
+    await api.json("POST", "/v1/ensure", 200, json={"ref": api.ref, "lease": False})
+    doc = await api.json("GET", "/v1/forecast", 200)
+    [row] = doc["models"]
+    assert row["requests"] == 1 and row["misses"] == 1 and row["suggestions"] == []
+    assert doc["auto"]["enabled"] is False and doc["tz"] == "UTC"
+
+
+async def test_metrics_name_the_recurring_prefetch_families(api: Api) -> None:
+    await api.json("POST", "/v1/prefetch", 201, json={"ref": api.ref, "schedule": "0 9 * * *"})
+    text = await (await api.client.get("/metrics")).text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["weightcache_prefetch_jobs"].type == "counter"
+    outcomes = {s.labels["outcome"] for s in families["weightcache_prefetch_jobs"].samples}
+    assert outcomes == {"on_time", "late", "failed", "missed"}
+    assert families["weightcache_schedule_margin_seconds"].type == "gauge"
+    [window] = families["weightcache_schedule_window_misses"].samples
+    assert window.value == 0 and window.labels["schedule"]
+    for name in ("schedules", "pins", "pinned_bytes"):
+        assert families[f"weightcache_{name}"].type == "gauge"
+    assert families["weightcache_schedules"].samples[0].value == 1
+
+
 async def test_status_counts_hits_and_misses(api: Api) -> None:
     await api.json("POST", "/v1/ensure", 200, json={"ref": api.ref, "lease": False})
     await api.json("POST", "/v1/ensure", 200, json={"ref": api.ref, "lease": False})

@@ -170,6 +170,55 @@ async def test_evict_refuses_leased_unless_forced(tmp_path: Path) -> None:
         await service.close()
 
 
+async def test_evict_refuses_a_pinned_model_unless_forced_and_force_releases_the_pin(
+    tmp_path: Path,
+) -> None:
+    ref = make_model(tmp_path, "m", MB, 2)
+    clock = ManualClock()
+    service = await running(config(tmp_path, WEIGHTCACHE_DAEMON_PREFETCH_SPREAD_S="0"), clock)
+    try:
+        # Hourly, started 10 minutes ahead: the next hour's job starts within the hour.
+        schedule, _ = await service.add_schedule(ref, "0 * * * *", lead_s=3600, hold_s=3600)
+        job = service.job(schedule.job or "")
+        await clock.advance(max(0.0, job.start_after - clock.wall()) + 0.01)
+        await eventually(lambda: service.job(job.id).state == "done", what="the job")
+        rev = service.job(job.id).revision or ""
+        assert service.node.store.has_snapshot(rev)
+        with pytest.raises(ModelLeased) as info:
+            await service.evict(ref)
+        assert info.value.facts["schedules"] == [schedule.id] and "pinned" in info.value.message
+        # The budget refuses it on its own as well (what an embedded process meets).
+        with pytest.raises(ModelLeased, match="pinned"):
+            await service.hop(service.budget.evict_revision, rev, Protection())
+        out = await service.evict(ref, force=True)
+        assert out["forced"] and not service.node.store.has_snapshot(rev)
+        assert service.schedules_book.pins == {}
+        assert not await service.hop(lambda: list(service.node.index.items("pin")))
+    finally:
+        await service.close()
+
+
+async def test_cold_ensures_inside_a_schedules_window_are_counted(tmp_path: Path) -> None:
+    ref = make_model(tmp_path, "m", MB, 3)
+    clock = ManualClock()  # wall 1_800_000_000: 2027-01-15 08:00 UTC
+    service = await running(config(tmp_path), clock)
+    try:
+        # Peaks at 07:00 (passed, held until 09:00) and 08:00 (now, held until 10:00).
+        schedule, _ = await service.add_schedule(ref, "0 * * * *", lead_s=600, hold_s=2 * 3600)
+        await service.ensure(ref, lease=False)  # cold: inside the window
+        await service.ensure(ref, lease=False)  # warm: not a miss
+        assert service.window_misses == {schedule.id: 1}
+        other, _ = await service.add_schedule(ref, "30 20 * * *", lead_s=600, hold_s=60)
+        await service.evict(ref)
+        await service.ensure(ref, lease=False)  # cold again: only the hourly window
+        assert service.window_misses == {schedule.id: 2}
+        status = await service.status()
+        rows = {r["id"]: r for r in status["prefetch"]["schedules"]}
+        assert rows[schedule.id]["window_misses"] == 2 and rows[other.id]["window_misses"] == 0
+    finally:
+        await service.close()
+
+
 async def test_leases_are_renewed_bounded_and_released(tmp_path: Path) -> None:
     refs = [make_model(tmp_path, f"m{i}", 1000, i) for i in range(3)]
     service = await running(config(tmp_path, WEIGHTCACHE_DAEMON_MAX_LEASES_PER_CLIENT="2"))

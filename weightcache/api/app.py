@@ -101,6 +101,10 @@ def make_app(service: Service, cfg: Config, *, tcp: bool) -> web.Application:
     app.router.add_post("/v1/prefetch", prefetch)
     app.router.add_get("/v1/jobs", jobs, allow_head=False)
     app.router.add_get("/v1/jobs/{id}", job, allow_head=False)
+    app.router.add_get("/v1/schedules", schedules, allow_head=False)
+    app.router.add_get("/v1/schedules/{id}", schedule, allow_head=False)
+    app.router.add_delete("/v1/schedules/{id}", remove_schedule)
+    app.router.add_get("/v1/forecast", forecast, allow_head=False)
     app.router.add_get("/v1/status", status, allow_head=False)
     app.router.add_delete("/v1/models", evict)
     app.router.add_post("/v1/leases/{id}/release", release)
@@ -509,12 +513,57 @@ def peer_pid(request: web.Request) -> int | None:
 
 async def prefetch(request: web.Request) -> web.StreamResponse:
     body = bodies.parse_prefetch(await _body(request))
-    job_, created = await _service(request).prefetch(
+    service = _service(request)
+    if body.schedule is not None:
+        return await _prefetch_recurring(service, body)
+    job_, created = await service.prefetch(
         body.ref, at=body.at, deadline=body.deadline, priority=body.priority
     )
     resp = _json({"job": job_.to_json(), "created": created}, status=202)
     resp.headers["Location"] = f"/v1/jobs/{job_.id}"
     return resp
+
+
+async def _prefetch_recurring(service: Service, body: bodies.PrefetchBody) -> web.Response:
+    assert body.schedule is not None
+    sched, created = await service.add_schedule(
+        body.ref,
+        body.schedule.expr,
+        tz=body.schedule.tz,
+        lead_s=body.lead_s,
+        hold_s=body.hold_s,
+        priority=body.priority,
+    )
+    planned = None
+    if sched.job is not None:
+        with contextlib.suppress(NotFound):
+            planned = service.job(sched.job).to_json()
+    # 201: a new schedule; 200: it already existed (lead, hold and priority updated).
+    resp = _json(
+        {"schedule": service.schedule_doc(sched), "created": created, "job": planned},
+        status=201 if created else 200,
+    )
+    resp.headers["Location"] = f"/v1/schedules/{sched.id}"
+    return resp
+
+
+async def schedules(request: web.Request) -> web.StreamResponse:
+    service = _service(request)
+    return _json({"schedules": [service.schedule_doc(s) for s in service.schedules()]})
+
+
+async def schedule(request: web.Request) -> web.StreamResponse:
+    service = _service(request)
+    return _json({"schedule": service.schedule_doc(service.schedule(request.match_info["id"]))})
+
+
+async def remove_schedule(request: web.Request) -> web.StreamResponse:
+    bodies.parse_empty(await _body(request, allow_empty=True))
+    return _json(await _service(request).remove_schedule(request.match_info["id"]))
+
+
+async def forecast(request: web.Request) -> web.StreamResponse:
+    return _json(await _service(request).forecast())
 
 
 async def jobs(request: web.Request) -> web.StreamResponse:

@@ -18,6 +18,7 @@ from typing import Any
 
 from weightcache.errors import RequestInvalid, UnsupportedMediaType
 from weightcache.scheduler import Priority
+from weightcache.schedules import Cron, parse_cron
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,11 @@ class PrefetchBody:
     at: float | None = None
     deadline: float | None = None
     priority: Priority = Priority.ADMIN
+    #: a recurring prefetch: every occurrence of this cron expression in ``tz``
+    schedule: Cron | None = None
+    #: None: the daemon's prefetch.lead_s / prefetch.hold_s
+    lead_s: float | None = None
+    hold_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,9 @@ class EvictBody:
     ref: str
     force: bool = False
 
+
+#: the longest lead or hold a recurring prefetch takes (a year)
+MAX_DURATION_S = 366 * 86400.0
 
 #: the one media type a request body may be declared as; parameters (charset) may follow
 JSON_MEDIA_TYPE = "application/json"
@@ -113,7 +122,16 @@ def parse_ensure(doc: Mapping[str, Any]) -> EnsureBody:
 
 
 def parse_prefetch(doc: Mapping[str, Any]) -> PrefetchBody:
-    _only(doc, ("ref", "at", "deadline", "priority"))
+    _only(doc, ("ref", "at", "deadline", "priority", "schedule", "lead_s", "hold_s", "tz"))
+    if doc.get("schedule") is not None:
+        return _parse_recurring(doc)
+    for name in ("lead_s", "hold_s", "tz"):
+        if doc.get(name) is not None:
+            raise RequestInvalid(
+                f"{name} applies to a recurring prefetch only: give a schedule too",
+                field=name,
+                hint='e.g. {"ref": "...", "schedule": "0 9 * * 1-5", "tz": "Europe/Berlin"}',
+            )
     at = _time(doc, "at")
     deadline = _time(doc, "deadline")
     if at is not None and deadline is not None and deadline < at:
@@ -125,6 +143,35 @@ def parse_prefetch(doc: Mapping[str, Any]) -> PrefetchBody:
         )
     return PrefetchBody(
         ref=_ref(doc), at=at, deadline=deadline, priority=_priority(doc, Priority.ADMIN)
+    )
+
+
+def _parse_recurring(doc: Mapping[str, Any]) -> PrefetchBody:
+    """A prefetch with ``schedule``: its occurrences set the times, so at and deadline
+    are refused; the lead must be positive and the hold not negative."""
+    for name in ("at", "deadline"):
+        if doc.get(name) is not None:
+            raise RequestInvalid(
+                f"{name} does not apply to a recurring prefetch: each occurrence of the "
+                "schedule is a peak, its job starts lead_s before it and must be done by it",
+                field=name,
+            )
+    ref = _ref(doc)
+    tz = doc.get("tz")
+    cron = parse_cron(doc.get("schedule"), "UTC" if tz is None else tz)
+    lead_s = _seconds(doc, "lead_s")
+    hold_s = _seconds(doc, "hold_s")
+    if lead_s is not None and lead_s <= 0:
+        raise RequestInvalid(
+            f"lead_s must be > 0 (the job starts that long before each peak), got {lead_s:g}",
+            field="lead_s",
+        )
+    return PrefetchBody(
+        ref=ref,
+        priority=_priority(doc, Priority.ADMIN),
+        schedule=cron,
+        lead_s=lead_s,
+        hold_s=hold_s,
     )
 
 
@@ -224,6 +271,25 @@ def _priority(doc: Mapping[str, Any], default: Priority) -> Priority:
             hint="one of worker, admin, background",
         )
     return Priority.parse(value.lower())
+
+
+def _seconds(doc: Mapping[str, Any], name: str) -> float | None:
+    """A duration in seconds: a finite, non-negative number, or absent/null."""
+    value = doc.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestInvalid(f"{name} must be a number of seconds, got {_kind(value)}", field=name)
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_DURATION_S:
+        raise RequestInvalid(
+            f"{name} must be between 0 and {MAX_DURATION_S:.0f} seconds, got {value!r}",
+            field=name,
+        )
+    return seconds
 
 
 def _time(doc: Mapping[str, Any], name: str) -> float | None:

@@ -121,6 +121,59 @@ class _StatusCollector(Collector):
         for state, n in sorted(_jobs_by_state(status.get("jobs")).items()):
             jobs.add_metric([state], n)
         yield jobs
+        yield from _prefetch(status)
+
+
+def _prefetch(status: Mapping[str, Any]) -> Iterator[Metric]:
+    """Recurring prefetch: job outcomes, margins before the peak, pins, window misses."""
+    prefetch = _mapping(status.get("prefetch"))
+    outcomes = CounterMetricFamily(
+        "weightcache_prefetch_jobs",
+        "Prefetch jobs finished since the daemon started, by outcome (on_time: done by its "
+        "deadline; late; failed; missed: an occurrence not started before its peak).",
+        labels=["outcome"],
+    )
+    for outcome, n in sorted(_mapping(prefetch.get("outcomes")).items()):
+        if _is_number(n):
+            outcomes.add_metric([str(outcome)], float(n))
+    yield outcomes
+    margins = GaugeMetricFamily(
+        "weightcache_schedule_margin_seconds",
+        "Seconds from the completion of a schedule's last finished occurrence to its peak "
+        "(negative: done after the peak).",
+        labels=["schedule"],
+    )
+    window = CounterMetricFamily(
+        "weightcache_schedule_window_misses",
+        "Cold ensures of a schedule's model between its peak and peak + hold, since the "
+        "daemon started (a good schedule keeps this at zero).",
+        labels=["schedule"],
+    )
+    rows = prefetch.get("schedules")
+    for row in rows if isinstance(rows, list) else []:
+        if not isinstance(row, Mapping):
+            continue
+        sid = str(row.get("id", ""))
+        if _is_number(row.get("margin_s")):
+            margins.add_metric([sid], float(row["margin_s"]))
+        window.add_metric([sid], _number(row.get("window_misses")))
+    yield margins
+    yield window
+    yield GaugeMetricFamily(
+        "weightcache_schedules",
+        "Recurring prefetch schedules.",
+        value=_count(prefetch.get("schedules")),
+    )
+    yield GaugeMetricFamily(
+        "weightcache_pins",
+        "Revisions held warm by a schedule until its peak + hold.",
+        value=_count(status.get("pins")),
+    )
+    yield GaugeMetricFamily(
+        "weightcache_pinned_bytes",
+        "Bytes of the revisions pins hold (each revision once).",
+        value=_number(status.get("pinned_bytes")),
+    )
 
 
 def _jobs_by_state(jobs: object) -> dict[str, float]:

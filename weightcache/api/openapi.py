@@ -153,9 +153,40 @@ SCHEMAS: dict[str, Any] = {
     "PrefetchRequest": _obj(
         {
             "ref": {"type": "string", "minLength": 1},
-            "at": {**_TIME, "description": "start no earlier than this (spread per node)"},
-            "deadline": {**_TIME, "description": "should be done by then (reported as late)"},
+            "at": {
+                **_TIME,
+                "description": "start no earlier than this (spread per node); not with schedule",
+            },
+            "deadline": {
+                **_TIME,
+                "description": "should be done by then (reported as late); not with schedule",
+            },
             "priority": {**_PRIORITY, "default": "admin"},
+            "schedule": {
+                "type": ["string", "null"],
+                "description": "a recurring prefetch: a five-field cron expression (or @daily, "
+                "@hourly, ...); each occurrence is a peak whose job starts lead_s before it "
+                "and must be done by it",
+                "examples": ["0 9 * * 1-5"],
+            },
+            "lead_s": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "description": "with schedule: seconds before each peak the job starts "
+                "(default prefetch.lead_s)",
+            },
+            "hold_s": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "description": "with schedule: seconds after each peak the model stays pinned "
+                "(default prefetch.hold_s)",
+            },
+            "tz": {
+                "type": ["string", "null"],
+                "description": "with schedule: the IANA time zone of the cron expression "
+                "(default UTC)",
+                "examples": ["Europe/Berlin"],
+            },
         },
         ["ref"],
         additionalProperties=False,
@@ -167,7 +198,10 @@ SCHEMAS: dict[str, Any] = {
             "at": _EPOCH,
             "deadline": _EPOCH,
             "priority": _PRIORITY,
-            "state": {"type": "string", "enum": ["scheduled", "running", "done", "failed"]},
+            "state": {
+                "type": "string",
+                "enum": ["scheduled", "running", "done", "failed", "missed"],
+            },
             "created": _NUM,
             "start_after": _NUM,
             "started": _EPOCH,
@@ -177,8 +211,137 @@ SCHEMAS: dict[str, Any] = {
             "revision": {"type": ["string", "null"]},
             "late": _BOOL,
             "error": {"oneOf": [{"type": "object"}, {"type": "null"}]},
+            "schedule": {
+                "type": ["string", "null"],
+                "description": "the recurring schedule this job is an occurrence of",
+            },
         },
         ["id", "ref", "state", "priority"],
+    ),
+    "Pin": _obj(
+        {
+            "schedule": _STR,
+            "ref": _STR,
+            "revision": _DIGEST,
+            "bytes": _INT,
+            "since": _NUM,
+            "expires": {**_NUM, "description": "epoch seconds: the peak + hold"},
+            "source": {"type": "string", "enum": ["admin", "auto"]},
+        },
+        ["schedule", "revision", "bytes", "expires"],
+    ),
+    "Schedule": _obj(
+        {
+            "id": _STR,
+            "ref": _STR,
+            "location": _STR,
+            "every": {**_STR, "description": "the cron expression, five fields"},
+            "tz": _STR,
+            "lead_s": _NUM,
+            "hold_s": _NUM,
+            "priority": _PRIORITY,
+            "source": {"type": "string", "enum": ["admin", "auto"]},
+            "created": _NUM,
+            "peak": {**_EPOCH, "description": "the occurrence planned now (its job's deadline)"},
+            "starts": {**_EPOCH, "description": "peak - lead_s, before the node's spread"},
+            "job": {"type": ["string", "null"], "description": "the planned occurrence's job"},
+            "occurrences": _INT,
+            "pin": {"oneOf": [_ref("Pin"), {"type": "null"}]},
+            "window_misses": _INT,
+        },
+        ["id", "ref", "every", "tz", "lead_s", "hold_s"],
+    ),
+    "ScheduleAccepted": _obj(
+        {
+            "schedule": _ref("Schedule"),
+            "created": {**_BOOL, "description": "false when the same schedule already existed"},
+            "job": {"oneOf": [_ref("Job"), {"type": "null"}]},
+        },
+        ["schedule", "created"],
+    ),
+    "ScheduleList": _obj(
+        {"schedules": {"type": "array", "items": _ref("Schedule")}}, ["schedules"]
+    ),
+    "ScheduleOne": _obj({"schedule": _ref("Schedule")}, ["schedule"]),
+    "ScheduleRemoved": _obj(
+        {
+            "removed": _STR,
+            "schedule": _ref("Schedule"),
+            "job_cancelled": {"type": ["string", "null"]},
+            "pin_released": {"type": ["string", "null"]},
+        },
+        ["removed"],
+    ),
+    "AutoDecision": _obj(
+        {
+            "at": _NUM,
+            "location": _STR,
+            "every": _STR,
+            "tz": _STR,
+            "action": {"type": "string", "enum": ["create", "skip", "unpinned"]},
+            "reason": _STR,
+            "bytes": _INT,
+            "misses_saved": _INT,
+        },
+        ["location", "every", "action", "reason"],
+    ),
+    "Auto": _obj(
+        {
+            "enabled": _BOOL,
+            "pin_budget_bytes": _INT,
+            "pinned_bytes": _INT,
+            "schedules": _INT,
+            "decisions": {"type": "array", "items": _ref("AutoDecision")},
+        },
+        ["enabled", "decisions"],
+    ),
+    "Suggestion": _obj(
+        {
+            "every": _STR,
+            "tz": _STR,
+            "lead_s": _NUM,
+            "hold_s": _NUM,
+            "days": {
+                "type": "array",
+                "items": {"enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]},
+            },
+            "hour": _INT,
+            "hours": _INT,
+            "misses_saved": {**_INT, "description": "misses it would have turned into hits"},
+            "weeks": {**_INT, "description": "weeks in which the cluster had misses"},
+        },
+        ["every", "tz", "lead_s", "hold_s", "misses_saved"],
+    ),
+    "Forecast": _obj(
+        {
+            "generated": _NUM,
+            "tz": _STR,
+            "weeks": _INT,
+            "min_weeks": _INT,
+            "models": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "location": _STR,
+                        "bytes": _INT,
+                        "last_seen": _NUM,
+                        "weeks": _INT,
+                        "requests": _INT,
+                        "misses": _INT,
+                        "miss_hours": {
+                            "type": "array",
+                            "items": _obj({"day": _STR, "hour": _INT, "misses": _INT}),
+                        },
+                        "suggestions": {"type": "array", "items": _ref("Suggestion")},
+                        "misses_saved": _INT,
+                        "schedules": {"type": "array", "items": _STR},
+                    },
+                    ["location", "requests", "misses", "suggestions"],
+                ),
+            },
+            "auto": _ref("Auto"),
+        },
+        ["models"],
     ),
     "PrefetchAccepted": _obj(
         {
@@ -259,6 +422,38 @@ SCHEMAS: dict[str, Any] = {
             "pending": _INT,
             "max_pending": _INT,
             "origin_slots": _obj({"capacity": _INT, "in_use": _INT, "waiting": _INT}),
+            "prefetch": _obj(
+                {
+                    "outcomes": {
+                        "type": "object",
+                        "additionalProperties": {"type": "integer"},
+                        "description": "finished prefetch jobs by outcome: on_time, late, "
+                        "failed, missed",
+                    },
+                    "schedules": {
+                        "type": "array",
+                        "items": _obj(
+                            {
+                                "id": _STR,
+                                "ref": _STR,
+                                "every": _STR,
+                                "tz": _STR,
+                                "source": _STR,
+                                "peak": _EPOCH,
+                                "margin_s": {
+                                    "type": ["number", "null"],
+                                    "description": "peak minus completion of the last "
+                                    "finished occurrence (negative: late)",
+                                },
+                                "window_misses": _INT,
+                            }
+                        ),
+                    },
+                }
+            ),
+            "pins": {"type": "array", "items": _ref("Pin")},
+            "pinned_bytes": _INT,
+            "auto": _ref("Auto"),
         },
         ["counters", "disk", "models", "pulls"],
     ),
@@ -294,8 +489,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 
 _ERROR_RESPONSES = {
-    "E400": "malformed JSON, a wrong type, an unknown field, or a bad ref (`request_invalid`, "
-    "`ref_invalid`)",
+    "E400": "malformed JSON, a wrong type, an unknown field, a bad ref, cron expression or "
+    "time zone (`request_invalid`, `ref_invalid`)",
     "E401": "no or wrong bearer token over TCP (`unauthorized`)",
     "E404": "no such route, job, lease, model or blob",
     "E405": "method not allowed on this route (`method_not_allowed`)",
@@ -344,14 +539,75 @@ def _paths() -> dict[str, Any]:
             "post": {
                 **_V1,
                 "operationId": "prefetch",
-                "summary": "Schedule a prefetch job (idempotent for the same ref and time)",
+                "summary": "Schedule a prefetch job (idempotent for the same ref and time), "
+                "or a recurring prefetch (idempotent for the same ref, schedule and tz)",
                 "requestBody": _body("PrefetchRequest"),
                 "responses": {
                     "202": {
                         **_json(_ref("PrefetchAccepted"), "the job, new or existing"),
                         "headers": {"Location": {"schema": _STR}},
                     },
+                    "201": {
+                        **_json(_ref("ScheduleAccepted"), "a new recurring schedule"),
+                        "headers": {"Location": {"schema": _STR}},
+                    },
+                    "200": {
+                        **_json(
+                            _ref("ScheduleAccepted"),
+                            "the recurring schedule already existed (lead, hold, priority updated)",
+                        ),
+                        "headers": {"Location": {"schema": _STR}},
+                    },
                     **_errors(400, 401, 408, 413, 415, 500, 503),
+                },
+            }
+        },
+        "/v1/schedules": {
+            "get": {
+                **_V1,
+                "operationId": "listSchedules",
+                "summary": "Recurring prefetch schedules, their next peak and their pins",
+                "responses": {
+                    "200": _json(_ref("ScheduleList"), "every schedule"),
+                    **_errors(401, 500),
+                },
+            }
+        },
+        "/v1/schedules/{id}": {
+            "get": {
+                **_V1,
+                "operationId": "getSchedule",
+                "summary": "One recurring prefetch schedule",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR}],
+                "responses": {
+                    "200": _json(_ref("ScheduleOne"), "the schedule"),
+                    **_errors(401, 404, 500),
+                },
+            },
+            "delete": {
+                **_V1,
+                "operationId": "removeSchedule",
+                "summary": "Remove a schedule: its pending occurrence is cancelled and its "
+                "pin released",
+                "description": "The body is empty or `{}`; the Content-Type is "
+                "`application/json` either way.",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": _STR}],
+                "requestBody": {**_body("Empty"), "required": False},
+                "responses": {
+                    "200": _json(_ref("ScheduleRemoved"), "the schedule is gone"),
+                    **_errors(400, 401, 404, 408, 413, 415, 500),
+                },
+            },
+        },
+        "/v1/forecast": {
+            "get": {
+                **_V1,
+                "operationId": "forecast",
+                "summary": "Per model: when cold misses cluster, and schedules that would have "
+                "turned them into hits",
+                "responses": {
+                    "200": _json(_ref("Forecast"), "the forecast"),
+                    **_errors(401, 500),
                 },
             }
         },
