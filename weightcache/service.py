@@ -17,12 +17,11 @@ and its result is applied back on the loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,24 +45,18 @@ from weightcache.errors import (
 from weightcache.evict import Plan
 from weightcache.fetch import FetchStats
 from weightcache.forecast import (
-    Candidate,
     Decision,
-    History,
-    HistoryBook,
-    auto_decisions,
-    bin_of,
-    model_forecast,
-    suggest,
 )
 from weightcache.hashing import is_digest
-from weightcache.jobs import Job, JobBook
+from weightcache.jobs import Job
 from weightcache.leases import Connection, Lease, LeaseTable
 from weightcache.locks import RevisionUses
 from weightcache.node import Node, Progress, Resolved, disk_errors
+from weightcache.prefetch import Prefetching
 from weightcache.refs import Ref
 from weightcache.results import Ensured
 from weightcache.scheduler import Priority, SingleFlight, Urgency
-from weightcache.schedules import Pin, Schedule, ScheduleBook, parse_cron
+from weightcache.schedules import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -138,32 +131,6 @@ class _Pull:
         return self.urgency.priority
 
 
-class _JobRecords:
-    """Jobs persisted in the index, through the service's metadata threads."""
-
-    def __init__(self, service: Service) -> None:
-        self._service = service
-
-    async def put(self, job_id: str, doc: dict[str, Any]) -> None:
-        await self._service.hop(self._service.node.index.put, ("job", job_id), doc)
-
-    async def delete(self, job_id: str) -> None:
-        await self._service.hop(self._service.node.index.delete, ("job", job_id))
-
-
-class _BookRecords:
-    """Schedules and pins persisted in the index, through the metadata threads."""
-
-    def __init__(self, service: Service) -> None:
-        self._service = service
-
-    async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
-        await self._service.hop(self._service.node.index.put, (kind, key), doc)
-
-    async def delete(self, kind: str, key: str) -> None:
-        await self._service.hop(self._service.node.index.delete, (kind, key))
-
-
 class Service:
     def __init__(
         self,
@@ -186,26 +153,8 @@ class Service:
         self._uses: RevisionUses | None = None
         self._budget: Budget | None = None
         self.leases = LeaseTable(cfg.daemon.lease_ttl_s, cfg.daemon.max_leases_per_client)
-        self.jobs_book = JobBook(
-            self.node_name,
-            cfg.daemon.prefetch_spread_s,
-            self.clock,
-            wall,
-            _JobRecords(self),
-            self._run_job,
-        )
-        self.schedules_book = ScheduleBook(
-            self.clock, wall, _BookRecords(self), self._plan_occurrence
-        )
-        pf = cfg.prefetch
-        self.history = HistoryBook(pf.tz, pf.history_weeks, pf.history_max_models)
-        #: cold ensures inside a schedule's window (its peak until peak + hold), by schedule
-        self.window_misses: Counter[str] = Counter()
-        #: prefetch.auto's latest decisions, newest last
-        self.auto_log: deque[dict[str, Any]] = deque(maxlen=AUTO_LOG)
-        self._auto_logged: set[tuple[str, str, str, str]] = set()
-        #: history writes one at a time, so an older snapshot never lands after a newer one
-        self._history_io = asyncio.Lock()
+        #: jobs, recurring schedules, pins, the forecast (:mod:`weightcache.prefetch`)
+        self.prefetching = Prefetching(self, self.node_name)
         self._pulls: dict[str, _Pull] = {}
         self._flight: SingleFlight[str, Ensured] = SingleFlight()
         self._resolve_flight: SingleFlight[str, Resolved] = SingleFlight()
@@ -253,22 +202,18 @@ class Service:
         loaded = await self.hop(records)
         for stale in self.leases.load(loaded["lease"], self.wall()):
             await self.hop(node.index.delete, ("lease", stale))
-        self.jobs_book.load(loaded["job"])
-        for stale in self.schedules_book.load(loaded["schedule"], loaded["pin"]):
+        for stale in self.prefetching.load(loaded):
             await self.hop(node.index.delete, ("pin", stale))
-        self.history.load(loaded["history"])
         self._tasks = [
             asyncio.create_task(self._reaper(), name="weightcache-lease-reaper"),
-            asyncio.create_task(self.jobs_book.loop(), name="weightcache-job-scheduler"),
-            asyncio.create_task(self.schedules_book.loop(), name="weightcache-schedules"),
-            asyncio.create_task(self._history_loop(), name="weightcache-history"),
+            *self.prefetching.tasks(),
             asyncio.create_task(self._resume_pulls(), name="weightcache-resume"),
         ]
         log.info(
             "service.started node=%s cache=%s jobs=%d leases=%d",
             self.node_name,
             self.cfg.cache.dir,
-            len(self.jobs_book.jobs),
+            len(self.prefetching.jobs_book.jobs),
             len(self.leases),
         )
 
@@ -293,11 +238,7 @@ class Service:
         )
         if not ended:
             log.warning("service.pulls_not_stopped after_s=%.1f", CANCEL_GRACE_S)
-        await self.jobs_book.close()
-        try:
-            await self._write_history()
-        except WeightcacheError as exc:
-            log.warning("history.not_written code=%s", exc.code)
+        await self.prefetching.close()
         await asyncio.gather(*self._chores, return_exceptions=True)
         self.uses.close()
         await self.node.aclose()
@@ -340,7 +281,7 @@ class Service:
         try:
             parsed = self.node.parse(ref)
             with disk_errors(parsed):
-                res = await self._resolve(parsed)
+                res = await self.resolve(parsed)
             resolved_s = self.clock.monotonic() - started
             rev = res.revision
             # In use from before the hit check until the lease is granted: no
@@ -358,7 +299,7 @@ class Service:
                     self.counters["misses"] += 1
                 self.counters["served_bytes"] += ensured.total_bytes
                 if demand:
-                    self._note_demand(parsed, ensured, coalesced)
+                    self.prefetching.note_demand(parsed, ensured, coalesced)
                 held = await self._grant_lease(rev, pid, client, connection) if lease else None
             finally:
                 self._chore(self.hop(self.uses.release, rev))
@@ -382,7 +323,7 @@ class Service:
             acquiring.add_done_callback(give_back)
             raise
 
-    async def _resolve(self, ref: Ref) -> Resolved:
+    async def resolve(self, ref: Ref) -> Resolved:
         """Resolve a ref, reading a location's latest manifest once for every request
         that asks within :data:`RESOLVE_TTL_S` (not once per worker of a storm)."""
         if ref.rev:
@@ -399,24 +340,8 @@ class Service:
         """What this daemon protects now, as a snapshot for a worker thread."""
         return Protection(
             revisions=self.leases.revisions() | frozenset(self._pulls),
-            pinned=self.schedules_book.pinned_revisions(),
+            pinned=self.prefetching.schedules_book.pinned_revisions(),
         )
-
-    def _note_demand(self, ref: Ref, ensured: Ensured, coalesced: bool) -> None:
-        """One request for the forecast's history; a cold one inside a schedule's
-        window is a miss that schedule should have prevented."""
-        now = self.wall()
-        cold = not ensured.cache_hit
-        self.history.note(ref.location, now, cold=cold, nbytes=ensured.total_bytes)
-        if cold:
-            for schedule in self.schedules_book.windows(ref.location, now):
-                self.window_misses[schedule.id] += 1
-                log.info(
-                    "schedule.window_miss id=%s location=%s coalesced=%s",
-                    schedule.id,
-                    ref.location,
-                    coalesced,
-                )
 
     async def _obtain(
         self,
@@ -490,7 +415,7 @@ class Service:
                         self.clock,
                     )
                 except CacheFull as exc:
-                    raise self._naming_pins(exc) from exc
+                    raise self.prefetching.naming_pins(exc) from exc
                 for chosen in evicted:
                     self._count(chosen)
                 ensured = await self.node.pull(
@@ -534,26 +459,6 @@ class Service:
                 ensured, origin_bytes=0, reused_bytes=0, coalesced_bytes=ensured.total_bytes
             )
         return ensured, joined
-
-    def _naming_pins(self, exc: CacheFull) -> CacheFull:
-        """A cache full while recurring prefetches pin models says which: the budget
-        cannot hold every pinned model, and no pinned model is evicted for another."""
-        pins = self.schedules_book.live_pins()
-        if not pins:
-            return exc
-        named = ", ".join(
-            f"{p.ref} (revision {p.revision[:16]}, {p.bytes} bytes, schedule {p.schedule}, "
-            f"until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(p.expires))})"
-            for p in pins
-        )
-        return CacheFull(
-            f"{exc.message}; pinned by recurring prefetches: {named}",
-            hint="the budget cannot hold every pinned model: raise cache.max_bytes, shorten "
-            "hold_s, or remove a schedule (`weightcache jobs --remove ID`)",
-            **exc.facts,
-            pins=[f"{p.schedule}:{p.revision}" for p in pins],
-            pinned_bytes=self.schedules_book.pinned_bytes(),
-        )
 
     def _count(self, chosen: Plan | None) -> None:
         if chosen is not None:
@@ -619,7 +524,7 @@ class Service:
     async def _reaper(self) -> None:
         while True:
             await self.clock.sleep(REAP_INTERVAL_S)
-            await self.schedules_book.expire()
+            await self.prefetching.schedules_book.expire()
             for lease in self.leases.reap(self.wall()):
                 await self._save_lease(lease.id)
                 log.info(
@@ -641,7 +546,7 @@ class Service:
                 revision=rev,
                 leases=len(holders),
             )
-        pins = [p for p in self.schedules_book.live_pins() if p.revision == rev]
+        pins = [p for p in self.prefetching.schedules_book.live_pins() if p.revision == rev]
         if pins and not force:
             raise ModelLeased(
                 f"{ref} (revision {rev[:16]}) is pinned by recurring prefetch "
@@ -657,7 +562,7 @@ class Service:
                 self.leases.drop(lease.id)
                 await self._save_lease(lease.id)
             for pin in pins:
-                await self.schedules_book.unpin(pin.schedule, reason="forced_evict")
+                await self.prefetching.schedules_book.unpin(pin.schedule, reason="forced_evict")
             # The budget refuses a revision any process uses right now, and one
             # still leased in the index unless forced.
             chosen = await self.hop(self.budget.evict_revision, rev, Protection(), force=force)
@@ -695,7 +600,11 @@ class Service:
             raise ModelNotFound(f"{ref} is not in this node's cache", ref=str(ref))
         return matches[0]
 
-    # -- prefetch jobs -------------------------------------------------------------
+    # -- prefetching (jobs, schedules, the forecast: weightcache.prefetch) ------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     async def prefetch(
         self,
@@ -705,82 +614,13 @@ class Service:
         deadline: float | None = None,
         priority: Priority = Priority.ADMIN,
     ) -> tuple[Job, bool]:
-        if self._closing:
-            raise ShuttingDown("the daemon is shutting down")
-        self.node.parse(ref)  # a bad ref fails now, not when the job runs
-        return await self.jobs_book.add(ref, at=at, deadline=deadline, priority=priority)
+        return await self.prefetching.prefetch(ref, at=at, deadline=deadline, priority=priority)
 
     def jobs(self) -> list[Job]:
-        return self.jobs_book.listed()
+        return self.prefetching.jobs_book.listed()
 
     def job(self, job_id: str) -> Job:
-        return self.jobs_book.get(job_id)
-
-    async def _run_job(self, job: Job, progress: Callable[[int, int], None]) -> str:
-        schedule = self.schedules_book.schedules.get(job.schedule) if job.schedule else None
-        if schedule is not None:
-            await self._drop_outdated_pin(schedule)
-        # A schedule's job holds a lease until its pin is written, so no eviction
-        # (this daemon's or another process's) takes the revision in between.
-        result = await self.ensure(
-            job.ref,
-            priority=Priority.parse(job.priority),
-            lease=schedule is not None,
-            client=f"schedule:{schedule.id}" if schedule is not None else None,
-            on_progress=lambda e: progress(e.done_bytes, e.total_bytes),
-            demand=False,
-        )
-        job.total_bytes = result.ensured.total_bytes
-        if result.lease is not None:
-            try:
-                schedule = self.schedules_book.schedules.get(job.schedule or "")
-                if schedule is not None and job.deadline is not None:
-                    await self._pin(schedule, result.ensured, job.deadline)
-            finally:
-                with contextlib.suppress(NotFound):  # reaped meanwhile: nothing to release
-                    await self.release_lease(result.lease.id)
-        return result.ensured.revision
-
-    async def _drop_outdated_pin(self, schedule: Schedule) -> None:
-        """An occurrence that resolves to a new revision releases the old one's pin before
-        pulling, so a budget that holds one of them can take the new one."""
-        pin = self.schedules_book.pins.get(schedule.id)
-        if pin is None:
-            return
-        try:
-            res = await self._resolve(self.node.parse(schedule.ref))
-        except WeightcacheError:
-            return  # the job's own ensure reports it
-        if res.revision != pin.revision:
-            await self.schedules_book.unpin(schedule.id, reason="new_revision")
-
-    async def _pin(self, schedule: Schedule, ensured: Ensured, peak: float) -> Pin | None:
-        if schedule.source == "auto":
-            budget = self.cfg.prefetch.auto_pin_bytes
-            others = {
-                p.revision: p.bytes
-                for p in self.schedules_book.live_pins()
-                if p.source == "auto" and p.schedule != schedule.id
-            }
-            extra = 0 if ensured.revision in others else ensured.total_bytes
-            if sum(others.values()) + extra > budget:
-                await self.schedules_book.unpin(schedule.id, reason="auto_pin_budget")
-                self._auto_note(
-                    Decision(
-                        schedule.location,
-                        schedule.every,
-                        schedule.tz,
-                        "unpinned",
-                        f"revision {ensured.revision[:16]} needs {extra} bytes; auto pins "
-                        f"hold {sum(others.values())} of prefetch.auto_pin_bytes = {budget}",
-                        ensured.total_bytes,
-                        0,
-                    )
-                )
-                return None
-        return await self.schedules_book.pin(schedule, ensured.revision, ensured.total_bytes, peak)
-
-    # -- recurring schedules ----------------------------------------------------------
+        return self.prefetching.jobs_book.get(job_id)
 
     async def add_schedule(
         self,
@@ -793,264 +633,27 @@ class Service:
         priority: Priority = Priority.ADMIN,
         source: str = "admin",
     ) -> tuple[Schedule, bool]:
-        """The recurring prefetch of ``ref`` at every occurrence of ``every`` (cron) in
-        ``tz`` (default UTC, the same instant on every node): (schedule, created)."""
-        if self._closing:
-            raise ShuttingDown("the daemon is shutting down")
-        parsed = self.node.parse(ref)  # a bad ref fails now, not at its first occurrence
-        cron = parse_cron(every, "UTC" if tz is None else tz)
-        pf = self.cfg.prefetch
-        return await self.schedules_book.add(
-            str(parsed),
-            parsed.location,
-            cron,
-            lead_s=pf.lead_s if lead_s is None else float(lead_s),
-            hold_s=pf.hold_s if hold_s is None else float(hold_s),
-            priority=priority.label,
-            source=source,
+        return await self.prefetching.add_schedule(
+            ref, every, tz=tz, lead_s=lead_s, hold_s=hold_s, priority=priority, source=source
         )
 
     async def remove_schedule(self, schedule_id: str) -> dict[str, Any]:
-        """Forget a schedule, its pending occurrence and its pin."""
-        schedule, pin = await self.schedules_book.remove(schedule_id)
-        cancelled = await self.jobs_book.cancel(schedule.job) if schedule.job else None
-        return {
-            "removed": schedule.id,
-            "schedule": schedule.to_json(),
-            "job_cancelled": cancelled.id if cancelled is not None else None,
-            "pin_released": pin.revision if pin is not None else None,
-        }
+        return await self.prefetching.remove_schedule(schedule_id)
 
     def schedules(self) -> list[Schedule]:
-        return self.schedules_book.listed()
+        return self.prefetching.schedules_book.listed()
 
     def schedule(self, schedule_id: str) -> Schedule:
-        return self.schedules_book.get(schedule_id)
+        return self.prefetching.schedules_book.get(schedule_id)
 
     def schedule_doc(self, schedule: Schedule) -> dict[str, Any]:
-        """A schedule as the API shows it: with its live pin and its window misses."""
-        doc = schedule.to_json()
-        pin = self.schedules_book.pins.get(schedule.id)
-        doc["pin"] = pin.to_json() if pin is not None and pin.expires > self.wall() else None
-        doc["window_misses"] = self.window_misses.get(schedule.id, 0)
-        return doc
-
-    async def _plan_occurrence(self, schedule: Schedule, peak: float) -> str:
-        job, _ = await self.jobs_book.add(
-            schedule.ref,
-            at=peak - schedule.lead_s,
-            deadline=peak,
-            priority=Priority.parse(schedule.priority),
-            schedule=schedule.id,
-        )
-        return job.id
-
-    # -- the forecast ---------------------------------------------------------------
-
-    async def _history_loop(self) -> None:
-        """Write the request history at most every ``prefetch.history_write_s``; with
-        ``prefetch.auto``, look for schedules to create every :data:`AUTO_INTERVAL_S`."""
-        pf = self.cfg.prefetch
-        next_auto = self.clock.monotonic() + AUTO_INTERVAL_S
-        while True:
-            await self.clock.sleep(pf.history_write_s)
-            try:
-                await self._write_history()
-                if pf.auto and self.clock.monotonic() >= next_auto:
-                    next_auto = self.clock.monotonic() + AUTO_INTERVAL_S
-                    await self.auto_pass()
-            except asyncio.CancelledError:
-                raise
-            except WeightcacheError as exc:
-                log.warning("history.write_failed code=%s message=%s", exc.code, exc.message)
-            except Exception:
-                # The history and auto schedules are advisory: a bug here must not
-                # end the task (and with it the daemon's readiness).
-                log.exception("history.task_failed")
-
-    async def _write_history(self) -> None:
-        async with self._history_io:
-            put, dropped = self.history.changes()
-            if not put and not dropped:
-                return
-            index = self.node.index
-
-            def write() -> None:
-                for location, doc in put:
-                    index.put(("history", location), doc)
-                for location in dropped:
-                    index.delete(("history", location))
-
-            await self.hop(write)
-
-    def _histories(self) -> list[History]:
-        """Every location's history from the index (blocking: a worker thread)."""
-        out = []
-        for _, rec in self.node.index.items("history"):
-            try:
-                out.append(History.from_json(rec))
-            except (KeyError, TypeError, ValueError):
-                continue
-        return out
-
-    def _forecast_rows(self, now: float) -> list[dict[str, Any]]:
-        pf = self.cfg.prefetch
-        week = bin_of(now, self.history.zone)[0]
-        rows = [
-            model_forecast(
-                h,
-                current_week=week,
-                window=pf.history_weeks,
-                min_weeks=pf.min_weeks,
-                lead_s=pf.lead_s,
-                tz=pf.tz,
-            )
-            for h in self._histories()
-        ]
-        return sorted(rows, key=lambda r: (-r["misses_saved"], -r["misses"], r["location"]))
+        return self.prefetching.schedule_doc(schedule)
 
     async def forecast(self) -> dict[str, Any]:
-        """Per model location: requests and cold misses of the last weeks, when the misses
-        cluster, and the schedules that would have turned them into hits. Computed in a
-        worker thread from the index (the loop's latest counts written first)."""
-        await self._write_history()
-        now = self.wall()
-        rows = await self.hop(self._forecast_rows, now)
-        for row in rows:
-            row["schedules"] = [
-                s.id for s in self.schedules_book.listed() if s.location == row["location"]
-            ]
-        pf = self.cfg.prefetch
-        return {
-            "generated": now,
-            "tz": pf.tz,
-            "weeks": pf.history_weeks,
-            "min_weeks": pf.min_weeks,
-            "models": rows,
-            "auto": self._auto_status(),
-        }
-
-    def _candidates(self, now: float) -> tuple[list[Candidate], dict[str, int]]:
-        """(suggestions as candidates, model bytes by location) from the index (blocking)."""
-        pf = self.cfg.prefetch
-        week = bin_of(now, self.history.zone)[0]
-        candidates = []
-        sizes = {}
-        for h in self._histories():
-            sizes[h.location] = h.bytes
-            for suggestion in suggest(
-                h.weeks,
-                current_week=week,
-                window=pf.history_weeks,
-                min_weeks=pf.min_weeks,
-                lead_s=pf.lead_s,
-                tz=pf.tz,
-            ):
-                candidates.append(Candidate(h.location, h.bytes, suggestion))
-        return candidates, sizes
+        return await self.prefetching.forecast()
 
     async def auto_pass(self) -> list[Decision]:
-        """``prefetch.auto``: create the schedules the forecast suggests, within
-        ``prefetch.auto_pin_bytes``. Every decision is logged and kept for status."""
-        pf = self.cfg.prefetch
-        if not pf.auto or self._closing:
-            return []
-        await self._write_history()
-        candidates, sizes = await self.hop(self._candidates, self.wall())
-        autos = [s for s in self.schedules_book.listed() if s.source == "auto"]
-        held: dict[str, int] = {}
-        for s in autos:
-            pin = self.schedules_book.pins.get(s.id)
-            held[s.location] = max(
-                held.get(s.location, 0), pin.bytes if pin else sizes.get(s.location, 0)
-            )
-        decisions = auto_decisions(
-            candidates,
-            scheduled=frozenset((s.location, s.every, s.tz) for s in self.schedules_book.listed()),
-            held=held,
-            budget_bytes=pf.auto_pin_bytes,
-        )
-        for decision in decisions:
-            if decision.action == "create":
-                try:
-                    await self.add_schedule(
-                        decision.location,
-                        decision.every,
-                        tz=decision.tz,
-                        lead_s=pf.lead_s,
-                        hold_s=next(
-                            c.suggestion.hold_s
-                            for c in candidates
-                            if c.location == decision.location
-                            and c.suggestion.every == decision.every
-                        ),
-                        priority=Priority.BACKGROUND,
-                        source="auto",
-                    )
-                except WeightcacheError as exc:
-                    decision = replace(decision, action="skip", reason=f"{exc.code}: {exc.message}")
-            self._auto_note(decision)
-        return decisions
-
-    def _auto_note(self, decision: Decision) -> None:
-        key = (decision.location, decision.every, decision.action, decision.reason)
-        if key in self._auto_logged:
-            return  # the same decision as last time: logged once
-        self._auto_logged.add(key)
-        doc = {"at": self.wall(), **decision.to_json()}
-        self.auto_log.append(doc)
-        log.info(
-            "auto.%s location=%s every=%r tz=%s bytes=%d misses_saved=%d reason=%s",
-            decision.action,
-            decision.location,
-            decision.every,
-            decision.tz,
-            decision.bytes,
-            decision.misses_saved,
-            decision.reason,
-        )
-
-    def _auto_status(self) -> dict[str, Any]:
-        pf = self.cfg.prefetch
-        return {
-            "enabled": pf.auto,
-            "pin_budget_bytes": pf.auto_pin_bytes,
-            "pinned_bytes": self.schedules_book.pinned_bytes(source="auto"),
-            "schedules": sum(1 for s in self.schedules_book.listed() if s.source == "auto"),
-            "decisions": list(self.auto_log),
-        }
-
-    def _prefetch_status(self) -> dict[str, Any]:
-        """Outcomes of prefetch jobs, and per schedule its last margin and window misses."""
-        latest: dict[str, Job] = {}
-        for job in self.jobs_book.jobs.values():
-            if job.schedule and job.state == "done" and job.finished is not None:
-                seen = latest.get(job.schedule)
-                if seen is None or (seen.finished or 0.0) < job.finished:
-                    latest[job.schedule] = job
-        schedules = []
-        for s in self.schedules_book.listed():
-            done = latest.get(s.id)
-            margin = (
-                done.deadline - done.finished
-                if done is not None and done.deadline is not None and done.finished is not None
-                else None
-            )
-            schedules.append(
-                {
-                    "id": s.id,
-                    "ref": s.ref,
-                    "every": s.every,
-                    "tz": s.tz,
-                    "source": s.source,
-                    "peak": s.peak,
-                    "margin_s": margin,
-                    "window_misses": self.window_misses.get(s.id, 0),
-                }
-            )
-        outcomes = {k: 0 for k in ("on_time", "late", "failed", "missed")}
-        outcomes.update(self.jobs_book.outcomes)
-        return {"outcomes": outcomes, "schedules": schedules}
+        return await self.prefetching.auto_pass()
 
     # -- status, blobs, health -----------------------------------------------------------
 
@@ -1122,11 +725,11 @@ class Service:
             "models": models,
             "pulls": pulls,
             "leases": len(self.leases),
-            "jobs": self.jobs_book.states(),
-            "prefetch": self._prefetch_status(),
-            "pins": [p.to_json() for p in self.schedules_book.live_pins()],
-            "pinned_bytes": self.schedules_book.pinned_bytes(),
-            "auto": self._auto_status(),
+            "jobs": self.prefetching.jobs_book.states(),
+            "prefetch": self.prefetching.status(),
+            "pins": [p.to_json() for p in self.prefetching.schedules_book.live_pins()],
+            "pinned_bytes": self.prefetching.schedules_book.pinned_bytes(),
+            "auto": self.prefetching.auto_status(),
             "pending": self._pending,
             "max_pending": self.cfg.daemon.max_pending,
             "origin_slots": {

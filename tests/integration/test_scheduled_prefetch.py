@@ -104,7 +104,9 @@ async def test_a_schedule_warms_before_its_peak_holds_through_evictions_then_let
 
         # After the hold the pin is released and a is evictable like any model.
         await until(clock, peak + 1800 + REAP_INTERVAL_S + 0.1)
-        await eventually(lambda: not service.schedules_book.pins, what="the pin's release")
+        await eventually(
+            lambda: not service.prefetching.schedules_book.pins, what="the pin's release"
+        )
         assert not await service.hop(lambda: list(service.node.index.items("pin")))
         assert (await service.status())["pins"] == []
         await service.ensure(b.ref, lease=False)
@@ -126,7 +128,7 @@ async def test_a_new_revision_is_warmed_at_the_next_occurrence_and_the_old_pin_r
         schedule, _ = await service.add_schedule(a.ref, "0 * * * *", lead_s=600, hold_s=2 * HOUR)
         first = service.job(await run_occurrence(service, clock, schedule.id))
         assert first.state == "done" and first.revision == a.revision
-        assert service.schedules_book.pins[schedule.id].revision == a.revision
+        assert service.prefetching.schedules_book.pins[schedule.id].revision == a.revision
 
         await until(clock, MONDAY_8 + HOUR + 300)  # after the first peak
         v2 = republish(tmp_path, a, MB, 99)

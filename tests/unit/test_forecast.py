@@ -201,8 +201,8 @@ def feed(service: Service, location: str, nbytes: int) -> None:
     for week in (-3, -2, -1):
         for day in range(5):
             t = MONDAY + week * 7 * DAY + day * DAY
-            service.history.note(location, t + 9 * HOUR + 600, cold=True, nbytes=nbytes)
-            service.history.note(location, t + 14 * HOUR, cold=False, nbytes=nbytes)
+            service.prefetching.history.note(location, t + 9 * HOUR + 600, cold=True, nbytes=nbytes)
+            service.prefetching.history.note(location, t + 14 * HOUR, cold=False, nbytes=nbytes)
 
 
 async def test_demand_is_recorded_written_at_most_every_interval_and_reloaded(
@@ -221,7 +221,7 @@ async def test_demand_is_recorded_written_at_most_every_interval_and_reloaded(
         await service.ensure(m.ref, lease=False)  # warm
         await service.prefetch(m.ref)  # a job is not demand
         location = service.node.parse(m.ref).location
-        week = service.history.models[location].weeks[THIS_WEEK]
+        week = service.prefetching.history.models[location].weeks[THIS_WEEK]
         assert week.requests == {9: 2} and week.misses == {9: 1}
         assert await records() == {}  # not yet written
         await clock.advance(30)
@@ -235,7 +235,7 @@ async def test_demand_is_recorded_written_at_most_every_interval_and_reloaded(
         await service.close()
     again = await started(cfg, clock)
     try:
-        assert again.history.models[location].weeks[THIS_WEEK].misses == {9: 1}
+        assert again.prefetching.history.models[location].weeks[THIS_WEEK].misses == {9: 1}
         row = (await again.forecast())["models"][0]
         assert row["location"] == location and row["requests"] == 2 and row["misses"] == 1
         assert row["suggestions"] == []
@@ -263,7 +263,7 @@ async def test_the_forecast_suggests_what_would_have_saved_the_misses(tmp_path: 
 async def test_auto_creates_schedules_within_its_pin_budget_and_says_why(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="weightcache.service")
+    caplog.set_level(logging.INFO, logger="weightcache.prefetch")
     cfg = cache_config(
         tmp_path, WEIGHTCACHE_PREFETCH_AUTO="true", WEIGHTCACHE_PREFETCH_AUTO_PIN_BYTES="10000"
     )
@@ -293,7 +293,7 @@ async def test_auto_creates_schedules_within_its_pin_budget_and_says_why(
         assert any("auto.skip" in r.message for r in caplog.records)
         # Asked again: nothing new is created, and a repeated decision is logged once.
         assert [d.action for d in await service.auto_pass()] == ["skip"]
-        assert len(service.schedules()) == 1 and len(service.auto_log) == 2
+        assert len(service.schedules()) == 1 and len(service.prefetching.auto_log) == 2
     finally:
         await service.close()
 

@@ -293,7 +293,7 @@ async def test_a_restart_inside_the_lead_window_resumes_the_one_job(tmp_path: Pa
         assert [j.id for j in restarted.jobs() if j.schedule == schedule.id] == [planned]
         assert restarted.schedule(schedule.id).occurrences == 1
         assert restarted.node.store.has_snapshot(m.revision)
-        assert restarted.schedules_book.pins[schedule.id].revision == m.revision
+        assert restarted.prefetching.schedules_book.pins[schedule.id].revision == m.revision
     finally:
         await restarted.close()
 

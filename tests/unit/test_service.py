@@ -192,7 +192,7 @@ async def test_evict_refuses_a_pinned_model_unless_forced_and_force_releases_the
             await service.hop(service.budget.evict_revision, rev, Protection())
         out = await service.evict(ref, force=True)
         assert out["forced"] and not service.node.store.has_snapshot(rev)
-        assert service.schedules_book.pins == {}
+        assert service.prefetching.schedules_book.pins == {}
         assert not await service.hop(lambda: list(service.node.index.items("pin")))
     finally:
         await service.close()
@@ -207,11 +207,11 @@ async def test_cold_ensures_inside_a_schedules_window_are_counted(tmp_path: Path
         schedule, _ = await service.add_schedule(ref, "0 * * * *", lead_s=600, hold_s=2 * 3600)
         await service.ensure(ref, lease=False)  # cold: inside the window
         await service.ensure(ref, lease=False)  # warm: not a miss
-        assert service.window_misses == {schedule.id: 1}
+        assert service.prefetching.window_misses == {schedule.id: 1}
         other, _ = await service.add_schedule(ref, "30 20 * * *", lead_s=600, hold_s=60)
         await service.evict(ref)
         await service.ensure(ref, lease=False)  # cold again: only the hourly window
-        assert service.window_misses == {schedule.id: 2}
+        assert service.prefetching.window_misses == {schedule.id: 2}
         status = await service.status()
         rows = {r["id"]: r for r in status["prefetch"]["schedules"]}
         assert rows[schedule.id]["window_misses"] == 2 and rows[other.id]["window_misses"] == 0
