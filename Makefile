@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PROMTOOL := $(VENV)/bin/promtool
 
 .PHONY: install test test-fast demo lint typecheck clean
 
-install: $(STAMP)
+install: $(STAMP) $(PROMTOOL)
 
 # torch is pinned to the CPU build that lies on disk; it is installed before the
 # project so that the project's `torch>=` range is already satisfied and pip never
@@ -21,11 +22,24 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import weightcache, torch; assert torch.__version__.startswith(\"2.13.0\"), torch.__version__"
 	touch $@
 
-test: $(STAMP)
+# promtool checks and unit-tests deploy/prometheus in the tests (Debian's prometheus
+# package). Unpacked from the .deb rather than installed: installing the package adds
+# a system user and, where systemd runs, enables and starts a Prometheus server on
+# :9090; no maintainer script runs here, and promtool needs nothing but libc.
+$(PROMTOOL):
+	mkdir -p $(@D)
+	tmp=$$(mktemp -d) && chmod 755 $$tmp && \
+	  (cd $$tmp && { apt-get download prometheus 2>/dev/null || \
+	    { apt-get update -qq && apt-get download prometheus; }; }) && \
+	  dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root && \
+	  install -m 0755 $$tmp/root/usr/bin/promtool $@ && rm -rf $$tmp
+	$@ --version
+
+test: $(STAMP) $(PROMTOOL)
 	$(PY) -m pytest
 
 # Everything but the slow scenarios (crash loops, storms, the demo): a quick check.
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(PROMTOOL)
 	$(PY) -m pytest -m "not slow"
 
 demo: $(STAMP)
