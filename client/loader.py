@@ -127,6 +127,10 @@ def _ensure(ref: str, cfg: Config, *, lease: bool = True) -> Ensured:
             # not fail the workers that start meanwhile.
             reason = exc.facts.get("reason") or exc.code
             log.warning("load.fallback reason=%s daemon=%s mode=embedded", reason, client.address)
+    else:
+        # Nothing configured and no socket at the default path: the same one line, so
+        # a worker that was meant to find a daemon says where it looked.
+        log.warning("load.fallback reason=no_daemon daemon=%s mode=embedded", cfg.socket_path)
     from weightcache.embedded import ensure_blocking
 
     return ensure_blocking(ref, cfg, hold=lease)
@@ -181,7 +185,10 @@ def load(
     ``dtype``: cast floating-point tensors after loading (integer, bool and
     complex tensors keep their exact values). ``tensors``: a subset: exact
     names, one glob pattern, or a predicate on the name; only the selected
-    tensors' bytes are read. ``config``: defaults to
+    tensors' bytes are read. An exact name no file holds, or a glob that
+    matches no tensor, raises :class:`~weightcache.errors.TensorNotFound`
+    listing names the model does hold; ``tensors=[]`` asks for no tensors (the
+    ref is made local and every header checked). ``config``: defaults to
     :func:`weightcache.config.load_config` (``WEIGHTCACHE_*`` variables).
 
     ``mmap`` (CPU; the name follows ``torch.load``): ``True`` maps the cached,
@@ -318,8 +325,9 @@ def _tensors(
     """The selected tensors of every safetensors file, file by file, in file order.
 
     Every header is read and checked (duplicate names across files, exact names
-    that no file holds) before the first tensor is read or yielded. Private reads
-    go through ``pool`` (default: the process's shared pool).
+    that no file holds, a glob that matches none) before the first tensor is
+    read or yielded. Private reads go through ``pool`` (default: the process's
+    shared pool).
     """
     import torch
 

@@ -5,11 +5,17 @@ tensor names before any byte is read. ``tensors=`` may be
 
 * ``None``: every tensor;
 * a ``str``: one glob pattern (``fnmatch`` syntax, case-sensitive, matched
-  against the whole name), e.g. ``"model.layers.*.mlp.*"``;
+  against the whole name), e.g. ``"model.layers.*.mlp.*"``; a pattern that
+  matches no tensor is an error;
 * any other iterable of ``str``: exact names; a name that no file holds is an
-  error (see :func:`check_all_found`), because a typo would otherwise load a
-  model with a tensor silently missing;
-* a callable ``(name) -> bool``.
+  error, because a typo would otherwise load a model with a tensor silently
+  missing. An empty collection (``tensors=[]``) is the one way to ask for no
+  tensors at all: the load then only makes the ref local and checks headers;
+* a callable ``(name) -> bool``: used as is; selecting nothing is the
+  caller's decision, not an error.
+
+Both errors come from :func:`check_all_found`, with a few names the model does
+hold.
 
 Pure functions, no I/O.
 """
@@ -42,12 +48,14 @@ class Selector:
     """A ``tensors=`` argument in normal form; call it with a tensor name.
 
     ``names`` is the set of exact names asked for, or ``None`` when the
-    selection is a pattern, a predicate or everything (nothing can then be
-    "missing").
+    selection is a pattern, a predicate or everything (no name can then be
+    "missing"). ``pattern`` is the glob, when the selection is one: it must
+    match at least one tensor.
     """
 
     predicate: Callable[[str], bool]
     names: frozenset[str] | None = None
+    pattern: str | None = None
 
     def __call__(self, name: str) -> bool:
         return bool(self.predicate(name))
@@ -67,7 +75,7 @@ def make_selector(spec: TensorSelection | Selector) -> Selector:
         # fnmatchcase, not fnmatch: tensor names are case-sensitive on every
         # platform. Compiled once; the predicate runs once per tensor.
         pattern = re.compile(fnmatch.translate(spec))
-        return Selector(lambda name: pattern.match(name) is not None)
+        return Selector(lambda name: pattern.match(name) is not None, pattern=spec)
     if callable(spec):
         return Selector(spec)
     if isinstance(spec, bytes | bytearray | memoryview):
@@ -100,16 +108,32 @@ def missing_names(spec: TensorSelection | Selector, seen_names: Iterable[str]) -
 def check_all_found(
     spec: TensorSelection | Selector, seen_names: Collection[str], *, where: str = ""
 ) -> None:
-    """Raise if an exact name asked for is in none of the files.
+    """Raise if an exact name asked for is in none of the files, or a glob matches none.
 
     ``seen_names`` is every tensor name of every file of the model (not only
     the selected ones), so the message can suggest what was probably meant.
     ``where`` names the model in the message.
 
     Raises :class:`ValueError` (to be mapped to a weightcache error by the
-    caller) naming the missing names and a few available ones.
+    caller) naming the missing names (or the pattern) and a few available ones.
     """
-    missing = missing_names(spec, seen_names)
+    selector = make_selector(spec)
+    prefix = f"{where}: " if where else ""
+    if selector.pattern is not None:
+        if any(selector(name) for name in seen_names):
+            return
+        available = sorted(seen_names)
+        # A pattern that would match but for case is the likely slip; else the first names.
+        folded = re.compile(fnmatch.translate(selector.pattern), re.IGNORECASE)
+        near = [name for name in available if folded.match(name)]
+        label = "matching but for case" if near else "available names include"
+        shown = near or available
+        raise ValueError(
+            f"{prefix}tensors={selector.pattern!r} matches no tensor; {label}: "
+            f"{_listing(shown) if shown else '(the model has no tensors)'}"
+            f" ({len(available)} tensors in all; tensors=[] asks for none)"
+        )
+    missing = missing_names(selector, seen_names)
     if not missing:
         return
     available = sorted(seen_names)
@@ -120,7 +144,6 @@ def check_all_found(
                 suggestions.append(close)
     shown = suggestions or available[:_SHOWN]
     label = "close matches" if suggestions else "available names include"
-    prefix = f"{where}: " if where else ""
     raise ValueError(
         f"{prefix}{len(missing)} requested tensor(s) not found: {_listing(missing)}; "
         f"{label}: {_listing(shown) if shown else '(the model has no tensors)'}"

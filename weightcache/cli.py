@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from weightcache import __version__
 from weightcache.config import Config, load_config
 from weightcache.errors import (
     ConfigInvalid,
@@ -71,6 +72,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     started = time.monotonic()
     result = publish(directory, ref, cfg, on_file=lambda rel, n: log.info("uploaded %s", rel))
     seconds = time.monotonic() - started
+    if args.json:
+        print(json.dumps(_published_json(result, seconds), indent=2))
+        return 0
     print(f"published {result.ref}")
     print(
         f"  {len(result.manifest.files)} files, {_human(result.manifest.total_bytes)} "
@@ -85,10 +89,26 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     ref = parse_ref(args.ref, default_bucket=cfg.s3.default_bucket)
+    started = time.monotonic()
     result = index(ref, cfg)
+    if args.json:
+        print(json.dumps(_published_json(result, time.monotonic() - started), indent=2))
+        return 0
     print(f"indexed {result.ref}")
     print(f"  {len(result.manifest.files)} files, {_human(result.manifest.total_bytes)}")
     return 0
+
+
+def _published_json(result: Any, seconds: float) -> dict[str, Any]:
+    """``publish --json`` and ``index --json``: the pinned ref and what its manifest lists."""
+    return {
+        "ref": result.ref,
+        "revision": result.revision,
+        "files": len(result.manifest.files),
+        "total_bytes": result.manifest.total_bytes,
+        "uploaded_bytes": result.uploaded_bytes,
+        "seconds": round(seconds, 3),
+    }
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -695,13 +715,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- entry point -------------------------------------------------------------
 
+#: what every REF positional says about its grammar
+REF_HELP = (
+    "the model: s3://BUCKET/PREFIX[@REV] | file:///ABS/PATH[@REV] | NAME[@REV] "
+    "(NAME: a prefix in s3.default_bucket; REV: the manifest's BLAKE3 or a unique "
+    "prefix of at least 6 hex digits)"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightcache", description="Node-local, verified model-weight cache."
     )
+    parser.add_argument("--version", action="version", version=f"weightcache {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
-    common = argparse.ArgumentParser(add_help=False)
+    # -v also after the command (`weightcache ls -v`); main() adds the two counts.
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbose_after",
+        action="count",
+        default=0,
+        help="log more (-vv: debug)",
+    )
+    common = argparse.ArgumentParser(add_help=False, parents=[verbosity])
     common.add_argument("--config", help="TOML config file (default: $WEIGHTCACHE_CONFIG)")
     common.add_argument("--cache-dir", help="cache directory (default: $WEIGHTCACHE_CACHE_DIR)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -709,14 +747,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "publish", parents=[common], help="upload a local model directory and its manifest"
     )
-    p.add_argument("dir")
-    p.add_argument("ref")
+    p.add_argument("dir", help="the local model directory (every file under it is published)")
+    p.add_argument("ref", help=f"where to publish it, without @REV: {REF_HELP}")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser(
         "index", parents=[common], help="write a manifest for objects already uploaded"
     )
-    p.add_argument("ref")
+    p.add_argument("ref", help=f"the prefix holding the objects, without @REV: {REF_HELP}")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_index)
 
     # Where the daemon-facing commands find the daemon (default: $WEIGHTCACHE_SOCKET,
@@ -732,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, to_daemon],
         help="pull a model into the node cache (through the daemon when one answers)",
     )
-    p.add_argument("ref")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_fetch)
 
@@ -750,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prefetch", parents=[common, to_daemon], help="schedule a pull on the node's daemon"
     )
-    p.add_argument("ref")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument(
         "--at",
         metavar="TIME",
@@ -807,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evict", parents=[common, to_daemon], help="remove a model from the node cache"
     )
-    p.add_argument("ref")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument("--force", action="store_true", help="evict even while workers hold leases")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evict)
@@ -820,7 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser(
-        "demo", help="what `make demo` runs: local S3, publish, the daemon, two loading processes"
+        "demo",
+        parents=[verbosity],
+        help="what `make demo` runs: local S3, publish, the daemon, two loading processes",
     )
     p.add_argument("--size-mb", type=int, default=384, help="synthetic model size (default 384)")
     p.add_argument(
@@ -834,6 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "verbose_after", 0)
     level = (
         logging.WARNING
         if args.verbose == 0

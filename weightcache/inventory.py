@@ -10,11 +10,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from weightcache.config import Config
+from weightcache.errors import RequestInvalid
 from weightcache.index import Index
 from weightcache.manifest import Manifest
 from weightcache.store import Store
 
-__all__ = ["disk", "listing", "models"]
+__all__ = ["disk", "existing_store", "listing", "models"]
 
 
 def models(
@@ -54,11 +55,30 @@ def disk(store: Store, cfg: Config) -> dict[str, Any]:
     }
 
 
+def existing_store(cfg: Config) -> Store:
+    """The configured cache for a command that reads it (``ls``, ``verify``).
+
+    A directory that does not exist is an error, not a new empty cache: a
+    mistyped ``--cache-dir`` must not list "0 revisions" and leave a tree behind.
+    An existing directory gets its layout completed, as a pull would.
+    """
+    root = cfg.cache.dir
+    if not root.is_dir():
+        raise RequestInvalid(
+            f"no cache at {root}" + (" (it is not a directory)" if root.exists() else ""),
+            field="cache.dir",
+            hint="check --cache-dir, WEIGHTCACHE_CACHE_DIR or cache.dir; a cache is made "
+            "by its first pull (`weightcache fetch REF`, `weightcache.load`, the daemon)",
+        )
+    store = Store(root)
+    store.ensure_layout()
+    return store
+
+
 def listing(cfg: Config) -> dict[str, Any]:
     """``weightcache ls``: the cache read directly, with or without a daemon."""
 
-    store = Store(cfg.cache.dir)
-    store.ensure_layout()
+    store = existing_store(cfg)
     index = Index(store.index_dir)
     try:
 

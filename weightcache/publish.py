@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from weightcache.config import Config
-from weightcache.errors import ManifestInvalid, OriginUnavailable, RefInvalid
+from weightcache.errors import ManifestInvalid, OriginUnavailable, RefInvalid, RequestInvalid
 from weightcache.hashing import FileDigest, digest_bytes, digest_path, digest_stream
 from weightcache.manifest import (
     MANIFEST_NAME,
@@ -57,7 +57,13 @@ def local_files(directory: Path) -> list[tuple[str, Path]]:
     them); links to directories are not, so a loop cannot hang the walk.
     """
     if not directory.is_dir():
-        raise ManifestInvalid(f"{directory} is not a directory", path=str(directory))
+        # The caller named the wrong thing: a usage error, before any origin is touched.
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise RequestInvalid(
+            f"cannot publish {directory}: it {what}",
+            path=str(directory),
+            hint="publish takes a local model directory (every file under it is uploaded)",
+        )
     out: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(directory):
         dirnames.sort()

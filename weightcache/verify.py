@@ -23,6 +23,7 @@ from weightcache.config import Config
 from weightcache.errors import WeightcacheError
 from weightcache.hashing import digest_file
 from weightcache.index import Index
+from weightcache.inventory import existing_store
 from weightcache.locks import CacheLock
 from weightcache.store import Store
 
@@ -182,8 +183,7 @@ class VerifyOutcome:
 def verify_cache(cfg: Config, *, repair: bool = False) -> VerifyOutcome:
     """Verify the configured cache; with ``repair``, pull broken snapshots again
     (embedded, after the lock is released: a pull registers its use under it)."""
-    store = Store(cfg.cache.dir)
-    store.ensure_layout()
+    store = existing_store(cfg)  # a missing cache is an error, not a new empty one
     index = Index(store.index_dir)
     try:
         locations = {rev: rec["location"] for rev, rec in index.snapshots()}

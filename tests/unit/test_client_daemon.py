@@ -431,15 +431,22 @@ def test_loader_falls_back_to_embedded_with_one_line(
     assert "mode=embedded" in [r.getMessage() for r in caplog.records][-1]  # the load.done line
 
 
-def test_loader_without_any_daemon_is_quietly_embedded(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_loader_without_any_daemon_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     files = write_model(tmp_path / "src", shards=2)
     ref = f"file://{tmp_path}/origin/m"
     publish(tmp_path / "src", parse_ref(ref), load_config())
-    tensors, report = weightcache.load_with_report(ref)
+    monkeypatch.setenv("WEIGHTCACHE_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO):
+        tensors, report = weightcache.load_with_report(ref)
     assert report.mode == "embedded"
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # No socket configured and none at the default path: the same one line as a dead
+    # daemon's, naming where it looked.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"load.fallback reason=no_daemon daemon={tmp_path / 'cache' / 'weightcache.sock'} "
+        "mode=embedded"
+    ]
     assert_bitwise_equal(tensors, reference(files))
 
 

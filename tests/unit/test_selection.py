@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import Any
 
 import pytest
@@ -109,7 +110,8 @@ def test_missing_names_only_for_exact_names() -> None:
 
 def test_check_all_found_names_the_missing_and_suggests() -> None:
     check_all_found(["lm_head.weight"], NAMES)
-    check_all_found("no.match.*", NAMES)
+    check_all_found("model.layers.1.*", NAMES)
+    check_all_found(lambda n: False, NAMES)  # a predicate's choice, even of nothing
     with pytest.raises(ValueError) as info:
         check_all_found(["lm_head.weigth", "model.norm.weight"], NAMES, where="s3://m/llama")
     message = str(info.value)
@@ -144,3 +146,25 @@ def test_exact_names_select_exactly_those(names: list[str], data: st.DataObject)
     select = make_selector(wanted + extra)
     assert [n for n in names if select(n)] == [n for n in names if n in wanted]
     assert missing_names(select, names) == sorted(set(extra))
+
+
+def test_a_glob_that_matches_nothing_is_an_error_listing_names() -> None:
+    with pytest.raises(ValueError) as info:
+        check_all_found("model.layer.*", NAMES, where="file:///m")
+    message = str(info.value)
+    assert message.startswith("file:///m: tensors='model.layer.*' matches no tensor; ")
+    assert "available names include: 'lm_head.weight', 'model.embed_tokens.weight'" in message
+    assert "and 2 more" in message and f"({len(NAMES)} tensors in all" in message
+    assert "tensors=[] asks for none" in message
+    # The likely slip, a pattern right but for case, is what it shows.
+    with pytest.raises(ValueError, match=re.escape("matching but for case: 'lm_head.weight'")):
+        check_all_found("LM_HEAD.*", NAMES)
+    with pytest.raises(ValueError, match="the model has no tensors"):
+        check_all_found("*", [])
+
+
+def test_an_empty_collection_explicitly_selects_nothing() -> None:
+    assert picked([]) == [] and picked(()) == [] and picked(set()) == []
+    check_all_found([], NAMES)
+    check_all_found([], [])
+    assert make_selector([]).names == frozenset() and make_selector([]).pattern is None
