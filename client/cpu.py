@@ -13,6 +13,10 @@ Two sinks, chosen by ``load(..., mmap=)`` (the name follows ``torch.load``):
   the read plan (:mod:`weightcache.client.plan`) so every tensor is a typed
   view of it. The tensors are ordinary private memory: no page fault on first
   touch, no mapping that outlives eviction, nothing shared with other processes.
+  ``direct=`` chooses how the pool reads: through the page cache (``False``,
+  the default), with ``O_DIRECT`` (``True``), or by residency (``"auto"``:
+  O_DIRECT when less than :data:`AUTO_DIRECT_BELOW` of the selected bytes is
+  in the page cache, as ``mincore`` tells). See :class:`PrivateRead`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import mmap
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -30,14 +34,31 @@ from weightcache.client.dtypes import torch_dtype, torch_shape
 from weightcache.client.header import SafetensorsHeader, TensorSpec, read_header_fd
 from weightcache.client.plan import DEFAULT_ITEM_BYTES, FilePlan, TensorSlot, plan_file
 from weightcache.client.readers import (
+    DIRECT_ALIGN,
+    DirectFile,
     ReadBatch,
     ReaderPool,
     ReadJob,
     advise_sequential,
+    resident_fraction,
     shared_pool,
 )
 
-__all__ = ["FileTensors", "PrivateRead", "SafetensorsFile", "item_size", "read_file"]
+__all__ = [
+    "AUTO_DIRECT_BELOW",
+    "Direct",
+    "FileTensors",
+    "PrivateRead",
+    "SafetensorsFile",
+    "item_size",
+    "read_file",
+]
+
+#: how a private read reads: buffered (False), O_DIRECT (True), or chosen by residency
+Direct = bool | Literal["auto"]
+#: ``direct="auto"`` reads a file with O_DIRECT when less than this fraction of
+#: its selected bytes is in the page cache (a cold file), buffered otherwise
+AUTO_DIRECT_BELOW = 0.1
 
 
 class FileTensors(NamedTuple):
@@ -59,13 +80,15 @@ def read_file(
     mmap: bool = True,
     pool: ReaderPool | None = None,
     item_bytes: int | None = None,
+    direct: Direct = False,
 ) -> FileTensors:
     """The selected tensors of the safetensors file at ``path``.
 
     ``select`` picks tensors by name (all when ``None``). ``mmap``: map the
     file copy-on-write (``True``) or read the tensors into private memory with
     ``pool`` (default :func:`~weightcache.client.readers.shared_pool`) in reads
-    of at most ``item_bytes`` (default: :func:`item_size`). Either way the
+    of at most ``item_bytes`` (default: :func:`item_size`), buffered or with
+    O_DIRECT as ``direct`` says (:class:`PrivateRead`). Either way the
     tensors are bitwise equal to what ``safetensors.torch.load_file`` gives for them.
 
     Raises :class:`~weightcache.errors.HeaderInvalid` for a header that lies
@@ -78,7 +101,9 @@ def read_file(
         if mmap:
             tensors, nbytes = f.map(select)
         else:
-            read = PrivateRead(f, select, pool or shared_pool(), item_bytes=item_bytes)
+            read = PrivateRead(
+                f, select, pool or shared_pool(), item_bytes=item_bytes, direct=direct
+            )
             try:
                 tensors = dict(read.tensors())
             finally:
@@ -226,6 +251,19 @@ class PrivateRead:
     reads covering it are done. :meth:`cancel` (idempotent; call it in a
     ``finally``) stops the reads not started and returns once none is running:
     only then may the file be closed. The file must stay open until then.
+
+    ``direct``: ``False`` reads through the page cache (with a sequential
+    readahead hint); ``True`` reads with ``O_DIRECT`` through a second
+    descriptor of the file, falling back to buffered reads where the file
+    system refuses it; ``"auto"`` reads with O_DIRECT when less than
+    :data:`AUTO_DIRECT_BELOW` of the selected ranges is resident. A direct read
+    skips the page-cache copy and leaves the cache to other files, but the
+    next process to load the same file finds nothing cached: it suits a file
+    that one process reads once. The default stays ``False`` (buffered): on the
+    machine of ``docs/benchmarks.md`` a cold direct load was no faster than a
+    cold buffered one (see the CPU section), and on a node where several
+    workers load the same weights the page cache is what they share.
+    :attr:`io` says which path ran.
     """
 
     def __init__(
@@ -235,41 +273,105 @@ class PrivateRead:
         pool: ReaderPool,
         *,
         item_bytes: int | None = None,
+        direct: Direct = False,
     ) -> None:
+        if direct not in (True, False, "auto"):
+            raise ValueError(f"direct must be True, False or 'auto', not {direct!r}")
         path = file.path
-        plan = plan_file(path, file.header, select, item_bytes=item_bytes or DEFAULT_ITEM_BYTES)
+        header = file.header
+        plan = plan_file(path, header, select, item_bytes=item_bytes or DEFAULT_ITEM_BYTES)
         if (
             item_bytes is None
             and (size := item_size(plan.nbytes, pool.threads)) < DEFAULT_ITEM_BYTES
         ):
-            plan = plan_file(path, file.header, select, item_bytes=size)
+            plan = plan_file(path, header, select, item_bytes=size)
+            item_bytes = size
+        #: the fraction of the selected bytes found in the page cache (``"auto"`` only)
+        self.resident: float | None = None
+        if direct == "auto":
+            self.resident = _resident(file.fd, plan)
+            direct = self.resident < AUTO_DIRECT_BELOW
+        self._wanted_direct = bool(direct) and bool(plan.items)
+        self._direct: DirectFile | None = None
+        if self._wanted_direct:
+            self._direct = DirectFile.open(file.fd, path)
+        if self._direct is not None:
+            # Runs start on block-aligned destination offsets congruent to their
+            # file offsets (modulo the block): with a buffer based congruent to
+            # the data area, every read's aligned middle goes straight into it.
+            # The file ranges, and so the reads, are the same as before.
+            plan = plan_file(
+                path,
+                header,
+                select,
+                item_bytes=item_bytes or DEFAULT_ITEM_BYTES,
+                align=DIRECT_ALIGN,
+            )
         self.plan: FilePlan = plan
         # Types first: a dtype this torch lacks fails before any byte is read.
-        self._slots: list[tuple[TensorSlot, torch.dtype, tuple[int, ...]]] = [
-            (
-                slot,
-                torch_dtype(slot.dtype, path=path, tensor=slot.name),
-                torch_shape(slot.dtype, slot.shape, path=path, tensor=slot.name),
-            )
-            for slot in self.plan.tensors
-        ]
+        try:
+            self._slots: list[tuple[TensorSlot, torch.dtype, tuple[int, ...]]] = [
+                (
+                    slot,
+                    torch_dtype(slot.dtype, path=path, tensor=slot.name),
+                    torch_shape(slot.dtype, slot.shape, path=path, tensor=slot.name),
+                )
+                for slot in self.plan.tensors
+            ]
+        except BaseException:
+            self._close_direct()
+            raise
         # One allocation per file. The allocator aligns it to 64 bytes, which the
         # plan's offsets assume. Not zeroed: every byte a tensor shows is read.
-        self.buffer = torch.empty(self.plan.size, dtype=torch.uint8)
+        if self._direct is None:
+            self.buffer = torch.empty(self.plan.size, dtype=torch.uint8)
+        else:
+            # For direct reads, a view of a slightly larger allocation whose base
+            # is congruent to the data area's start modulo the block (and so
+            # 64-aligned too, since the block is a multiple of 64).
+            raw = torch.empty(self.plan.size + DIRECT_ALIGN, dtype=torch.uint8)
+            pad = (header.data_start - raw.data_ptr()) % DIRECT_ALIGN
+            self.buffer = raw[pad : pad + self.plan.size]
+            del raw
         # Safe to hand to other threads: the reads write only inside the plan's
         # disjoint destination ranges, all within the buffer; this object keeps
-        # the buffer (and the caller the descriptor) alive until cancel() has
-        # seen every read finish, and the tensors handed out keep the buffer's
-        # storage alive after that.
+        # the buffer (and the caller the descriptor, and this object the direct
+        # descriptor) alive until cancel() has seen every read finish, and the
+        # tensors handed out keep the buffer's storage alive after that.
         dest = self.buffer.numpy().data if self.plan.size else memoryview(bytearray())
         self._ends = [item.dest + item.length for item in self.plan.items]
         items = self.plan.items
-        if items:
+        if items and self._direct is None:
+            # Direct reads bypass the page cache: no readahead to ask for.
             advise_sequential(file.fd, items[0].offset, items[-1].end - items[0].offset)
-        self._batch: ReadBatch = pool.batch(
-            ReadJob(file.fd, path, item.offset, dest[item.dest : item.dest + item.length])
-            for item in items
-        )
+        try:
+            self._batch: ReadBatch = pool.batch(
+                ReadJob(
+                    file.fd,
+                    path,
+                    item.offset,
+                    dest[item.dest : item.dest + item.length],
+                    self._direct,
+                )
+                for item in items
+            )
+        except BaseException:
+            self._close_direct()
+            raise
+
+    @property
+    def io(self) -> str:
+        """How the file was read: ``"direct"``, ``"buffered"``, or ``"fallback"``
+        (direct was chosen, and the file system refused O_DIRECT)."""
+        if not self._wanted_direct:
+            return "buffered"
+        if self._direct is None or self._direct.refused:
+            return "fallback"
+        return "direct"
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` in file order, each once its bytes are read."""
@@ -287,7 +389,25 @@ class PrivateRead:
                 # re-aligns it): copy it into an allocator-aligned tensor.
                 raw = raw.clone()
             yield slot.name, raw.view(dtype).reshape(shape)
+        # Every read is done (or none started): the direct descriptor can go.
+        self._batch.wait()
+        self._close_direct()
 
     def cancel(self) -> None:
         """Stop the reads; returns once none is running (so the file may be closed)."""
         self._batch.cancel()
+        self._close_direct()
+
+
+def _resident(fd: int, plan: FilePlan) -> float:
+    """The fraction of the plan's file ranges in the page cache (contiguous items merged)."""
+    ranges: list[list[int]] = []
+    for item in plan.items:
+        if ranges and ranges[-1][1] == item.offset:
+            ranges[-1][1] = item.end
+        else:
+            ranges.append([item.offset, item.end])
+    total = sum(end - begin for begin, end in ranges)
+    if not total:
+        return 1.0
+    return sum(resident_fraction(fd, b, e - b) * (e - b) for b, e in ranges) / total

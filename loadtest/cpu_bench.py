@@ -14,7 +14,9 @@ process, one after the other:
   4 ... ``--threads`` threads (what any reader of private memory pays: page
   faults in the fresh buffer and the copy out of the page cache); and memcpy
   (``Tensor.copy_``, torch's intra-op threads) of the same bytes into a fresh
-  buffer and into a resident one;
+  buffer and into a resident one; and ``O_DIRECT`` reads of the same bytes
+  (rounded out to 4 KiB blocks) into 4 KiB-aligned buffers, 16 MiB reads over
+  2 threads (what a read that skips the page cache can reach);
 * **weightcache**, through ``weightcache.client.loader._read``, the loader's
   read of an ensured revision (every header checked first, the CPU sinks, the
   next file's reads started while this one's tensors are handed out), given
@@ -22,7 +24,10 @@ process, one after the other:
   plumbing is not what is measured here): ``mmap=True`` with every page touched,
   ``mmap=False`` (the reader pool, ``--threads`` threads), and ``mmap=False``
   with ``tensors=`` selecting every 8th tensor (what one of 8 tensor-parallel
-  ranks reads);
+  ranks reads); and ``weightcache.client.cpu.read_file(mmap=False, direct=...)``
+  file by file (no next-file overlap, since the loader does not pass
+  ``direct=``), with ``direct=False`` (buffered), ``True`` (O_DIRECT) and
+  ``"auto"`` (O_DIRECT for a file less than 10 % resident);
 * **safetensors**: ``safetensors.torch.load_file`` with every page touched, and
   ``safetensors.torch.load(open(f, 'rb').read())``.
 
@@ -81,6 +86,7 @@ from loadtest.scenario import (
     scratch,
     versions,
 )
+from weightcache.client.cpu import Direct, read_file
 from weightcache.client.header import read_header
 from weightcache.client.loader import _read
 from weightcache.client.readers import ReaderPool, default_threads
@@ -183,6 +189,52 @@ def preadv_ceiling(model: Model, threads: int) -> list[torch.Tensor]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def odirect_ceiling(model: Model, threads: int) -> list[torch.Tensor]:
+    """Each shard's data area, rounded out to 4 KiB blocks, read with O_DIRECT into an
+    aligned buffer: 16 MiB reads shared round-robin by ``threads`` threads."""
+    fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT) for p in model.shards]
+    try:
+        buffers: list[torch.Tensor] = []
+        work: list[tuple[int, int, memoryview]] = []
+        for fd, (start, length) in zip(fds, model.data, strict=True):
+            lo = start - start % PAGE
+            hi = -(-(start + length) // PAGE) * PAGE
+            raw = torch.empty(hi - lo + PAGE, dtype=torch.uint8)
+            pad = -raw.data_ptr() % PAGE
+            buf = raw[pad : pad + hi - lo]
+            buffers.append(buf)
+            view = buf.numpy().data
+            for at in range(0, hi - lo, CHUNK):
+                work.append((fd, lo + at, view[at : at + CHUNK]))
+
+        def reader(mine: list[tuple[int, int, memoryview]]) -> None:
+            for fd, offset, dest in mine:
+                done = 0
+                while done < len(dest):
+                    n = os.preadv(fd, [dest[done:]], offset + done)
+                    done += n
+                    if n == 0 or n % PAGE:
+                        break  # the end of the file
+
+        pool = [threading.Thread(target=reader, args=(work[i::threads],)) for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        return buffers
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def weightcache_read_files(model: Model, *, direct: Direct, pool: ReaderPool) -> Tensors:
+    """``read_file(mmap=False, direct=direct)`` of each shard in turn."""
+    out: Tensors = {}
+    for path in model.shards:
+        out.update(read_file(path, mmap=False, pool=pool, direct=direct).tensors)
+    return out
 
 
 def weightcache_load(
@@ -362,6 +414,7 @@ def run(args: Any, work: Path) -> Bench:
         plan.append(
             (Row(f"ceiling preadv x{n}", total), lambda n=n: preadv_ceiling(model, n), False, None)
         )
+    plan.append((Row("ceiling O_DIRECT x2", total), lambda: odirect_ceiling(model, 2), False, None))
     plan += [
         (Row("ceiling memcpy, fresh buffer", total), memcpy_fresh, False, None),
         (Row("ceiling memcpy, resident buffer", total), memcpy_resident, False, None),
@@ -382,6 +435,15 @@ def run(args: Any, work: Path) -> Bench:
             lambda: weightcache_load(model, mmap=False, pool=pool, subset=True),
             True,
             "subset",
+        ),
+        *(
+            (
+                Row(f"weightcache read_file mmap=False, direct={d!r}", total, note="file by file"),
+                lambda d=d: weightcache_read_files(model, direct=d, pool=pool),
+                True,
+                "all",
+            )
+            for d in (False, True, "auto")
         ),
         (
             Row("safetensors load_file + touch", total),
@@ -492,6 +554,17 @@ def ratios(bench: Bench) -> list[str]:
             else f"`{name}` / `{against}` = {ratio:.2f} (target >= {bound}: that much faster)"
         )
         out.append(f"{what}: {'met' if met else 'MISSED'}")
+    buffered = by["weightcache read_file mmap=False, direct=False"]
+    direct = by["weightcache read_file mmap=False, direct=True"]
+    if buffered.cold_s and direct.cold_s:
+        out.append(
+            f"cold: `direct=True` / `direct=False` (read_file) = "
+            f"{direct.cold_s / buffered.cold_s:.2f} (below 1: O_DIRECT is faster cold here)"
+        )
+    out.append(
+        f"warm: `direct=True` / `direct=False` (read_file) = {direct.warm / buffered.warm:.2f} "
+        "(O_DIRECT never reads from the page cache)"
+    )
     sub, full = by["weightcache mmap=False, tensors=1/8"], by["weightcache mmap=False"]
     out.append(
         f"`tensors=1/8` reads {sub.nbytes / full.nbytes:.3f} of the bytes in "
@@ -522,7 +595,11 @@ median of {bench.repeat} rounds after one unmeasured run; {cold}.
 Every load checked bitwise against `safetensors.torch.load_file` (BLAKE3 per tensor).
 The rounds interleave the rows, so that a drift of the machine hits each alike.
 Ceilings: `os.preadv` of each shard's data area into its own `torch.empty`
-buffer in 16 MiB reads over N threads; `Tensor.copy_` of the same bytes.
+buffer in 16 MiB reads over N threads; `Tensor.copy_` of the same bytes;
+`O_DIRECT` reads of the same bytes (rounded out to 4 KiB blocks) into
+4 KiB-aligned buffers over 2 threads. The `read_file ... direct=` rows call
+`weightcache.client.cpu.read_file` shard by shard (no next-file overlap):
+buffered, O_DIRECT, and `"auto"` (O_DIRECT for a file under 10 % resident).
 See the docstring of `loadtest/cpu_bench.py`.
 
 * command: `{cmd}`
