@@ -4,7 +4,9 @@ This is the only module that reads the environment. Precedence, lowest first:
 built-in defaults, the TOML file (``--config`` or ``WEIGHTCACHE_CONFIG``),
 ``WEIGHTCACHE_<SECTION>_<FIELD>`` variables (``WEIGHTCACHE_CACHE_DIR``,
 ``WEIGHTCACHE_FETCH_CONCURRENCY``, ...), then explicit overrides (CLI flags).
-S3 credentials and endpoint come from the standard ``AWS_*`` variables.
+S3 settings also come from the standard ``AWS_*`` variables (endpoint, region,
+keys, session token, profile and its files, web identity, the metadata service),
+under the ``WEIGHTCACHE_S3_*`` ones. Secrets never come from the TOML file.
 
 Every problem is collected and reported at once as a dotted path
 (``fetch.concurrency: must be >= 1, got 0``) before anything touches the disk
@@ -14,6 +16,8 @@ or the network.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import re
 import tomllib
@@ -27,6 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from weightcache.errors import ConfigInvalid
 
+log = logging.getLogger(__name__)
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -86,12 +91,39 @@ class PublishConfig:
     part_bytes: int = 64 * MiB
 
 
+def _aws_file(name: str, env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    home = env.get("HOME") or os.path.expanduser("~")
+    return Path(home) / ".aws" / name
+
+
+#: the endpoint used when none is configured
+AWS_DEFAULT_ENDPOINT = "https://s3.amazonaws.com"
+
+
 @dataclass(frozen=True)
 class S3Config:
-    endpoint_url: str = "https://s3.amazonaws.com"
+    endpoint_url: str = AWS_DEFAULT_ENDPOINT
     region: str = "us-east-1"
+    #: static keys: first in the credential chain; environment only, never the file
     access_key_id: str = field(default="", repr=False)
     secret_access_key: str = field(default="", repr=False)
+    session_token: str = field(default="", repr=False)
+    #: the profile looked up in the shared credentials file, then in the config file
+    profile: str = "default"
+    shared_credentials_file: Path = field(default_factory=lambda: _aws_file("credentials"))
+    config_file: Path = field(default_factory=lambda: _aws_file("config"))
+    #: IRSA / web identity: a projected token traded with STS for the role's credentials
+    web_identity_token_file: Path | None = None
+    role_arn: str = ""
+    #: where web identity trades its token (empty: https://sts.REGION.amazonaws.com)
+    sts_endpoint: str = ""
+    #: CA certificates for the S3 endpoint and STS (default: SSL_CERT_FILE or certifi)
+    ca_bundle: Path | None = None
+    #: the EC2 instance metadata service, last in the chain (empty: http://169.254.169.254)
+    metadata_endpoint: str = ""
+    metadata_disabled: bool = False
+    metadata_timeout_s: float = 1.0
     #: bucket for bare ``NAME`` refs
     default_bucket: str = ""
 
@@ -172,19 +204,41 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 # Secrets are only taken from the environment, never from the TOML file, so that
 # a config file can be shared and committed.
-_SECRET_FIELDS = {("s3", "access_key_id"), ("s3", "secret_access_key"), ("daemon", "token")}
+_SECRET_FIELDS = {
+    ("s3", "access_key_id"),
+    ("s3", "secret_access_key"),
+    ("s3", "session_token"),
+    ("daemon", "token"),
+}
 # Short names the client side documents (SPEC: WEIGHTCACHE_SOCKET / WEIGHTCACHE_URL).
 _ALIASES = {
     "WEIGHTCACHE_SOCKET": ("daemon", "socket_path"),
     "WEIGHTCACHE_URL": ("daemon", "url"),
     "WEIGHTCACHE_TOKEN": ("daemon", "token"),
 }
+# Applied in this order, so a later name wins: AWS_ENDPOINT_URL_S3 over
+# AWS_ENDPOINT_URL and AWS_REGION over AWS_DEFAULT_REGION, as in the AWS SDKs.
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": ("s3", "access_key_id"),
     "AWS_SECRET_ACCESS_KEY": ("s3", "secret_access_key"),
+    "AWS_SESSION_TOKEN": ("s3", "session_token"),
     "AWS_ENDPOINT_URL": ("s3", "endpoint_url"),
+    "AWS_ENDPOINT_URL_S3": ("s3", "endpoint_url"),
+    "AWS_DEFAULT_REGION": ("s3", "region"),
     "AWS_REGION": ("s3", "region"),
+    "AWS_PROFILE": ("s3", "profile"),
+    "AWS_SHARED_CREDENTIALS_FILE": ("s3", "shared_credentials_file"),
+    "AWS_CONFIG_FILE": ("s3", "config_file"),
+    "AWS_WEB_IDENTITY_TOKEN_FILE": ("s3", "web_identity_token_file"),
+    "AWS_ROLE_ARN": ("s3", "role_arn"),
+    "AWS_ENDPOINT_URL_STS": ("s3", "sts_endpoint"),
+    "AWS_CA_BUNDLE": ("s3", "ca_bundle"),
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT": ("s3", "metadata_endpoint"),
+    "AWS_EC2_METADATA_DISABLED": ("s3", "metadata_disabled"),
+    "AWS_METADATA_SERVICE_TIMEOUT": ("s3", "metadata_timeout_s"),
 }
+#: WEIGHTCACHE_* variables that are not options but are still ours
+_OTHER_ENV = {"WEIGHTCACHE_CONFIG"}
 
 
 def _field_type(section: type[Any], name: str) -> Any:
@@ -249,12 +303,13 @@ def _zone_ok(name: str) -> bool:
     return True
 
 
-def _check(cfg: Config) -> list[str]:
-    problems: list[str] = []
+def _check(cfg: Config) -> list[tuple[str, str]]:
+    """Range and consistency problems: (dotted path, message) pairs."""
+    problems: list[tuple[str, str]] = []
 
     def need(ok: bool, path: str, why: str, got: Any) -> None:
         if not ok:
-            problems.append(f"{path}: {why}, got {got!r}")
+            problems.append((path, f"{path}: {why}, got {got!r}"))
 
     c, f, p = cfg.cache, cfg.fetch, cfg.publish
     need(c.max_bytes >= 0, "cache.max_bytes", "must be >= 0 (0 = no budget)", c.max_bytes)
@@ -343,13 +398,69 @@ def _check(cfg: Config) -> list[str]:
         pf.history_max_models,
     )
     need(_zone_ok(pf.tz), "prefetch.tz", "must be an IANA time zone such as UTC", pf.tz)
+    s3 = cfg.s3
     need(
-        cfg.s3.endpoint_url.startswith(("http://", "https://")),
+        s3.endpoint_url.startswith(("http://", "https://")),
         "s3.endpoint_url",
         "must start with http:// or https://",
-        cfg.s3.endpoint_url,
+        s3.endpoint_url,
+    )
+    if bool(s3.access_key_id) != bool(s3.secret_access_key):
+        # Never echo a key: name the variables instead.
+        missing = "secret_access_key" if s3.access_key_id else "access_key_id"
+        problems.append(
+            (
+                f"s3.{missing}",
+                f"s3.{missing}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY go together, "
+                "only one is set",
+            )
+        )
+    if s3.sts_endpoint:
+        need(
+            s3.sts_endpoint.startswith(("http://", "https://")),
+            "s3.sts_endpoint",
+            "must start with http:// or https://",
+            s3.sts_endpoint,
+        )
+    if s3.metadata_endpoint:
+        need(
+            s3.metadata_endpoint.startswith(("http://", "https://")),
+            "s3.metadata_endpoint",
+            "must start with http:// or https://",
+            s3.metadata_endpoint,
+        )
+    need(
+        0 < s3.metadata_timeout_s <= 60,
+        "s3.metadata_timeout_s",
+        "must be in (0, 60]",
+        s3.metadata_timeout_s,
     )
     return problems
+
+
+def _known_env() -> set[str]:
+    names = {
+        f"WEIGHTCACHE_{s}_{f.name}".upper()
+        for s, c in _SECTIONS.items()
+        for f in dataclasses.fields(c)
+    }
+    return names | set(_ALIASES) | _OTHER_ENV
+
+
+def unknown_env(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``WEIGHTCACHE_*`` variables that are no option: (name, the closest known name)."""
+    known = _known_env()
+    # Compared without the shared prefix, which would make every name look close.
+    tails = {name.removeprefix("WEIGHTCACHE_"): name for name in known}
+    out: list[tuple[str, str | None]] = []
+    for name in sorted(env):
+        if name.startswith("WEIGHTCACHE_") and name not in known:
+            tail = name.removeprefix("WEIGHTCACHE_")
+            close = difflib.get_close_matches(tail, list(tails), n=5, cutoff=0.6)
+            # A name cut short (S3_ENDPOINT for S3_ENDPOINT_URL) beats a mere look-alike.
+            close.sort(key=lambda c: not c.startswith(tail))
+            out.append((name, tails[close[0]] if close else None))
+    return out
 
 
 def load_config(
@@ -360,51 +471,82 @@ def load_config(
 ) -> Config:
     """Build the effective configuration; raise :class:`ConfigInvalid` listing every problem.
 
-    ``overrides`` maps dotted names (``"cache.dir"``) to values from flags.
+    ``overrides`` maps dotted names (``"cache.dir"``) to values from flags. Every
+    problem names its dotted path and where the value came from (the file, the
+    variable, the command line, or the default), and all of them come in one error:
+    a value that does not parse is left at its default for the range checks, whose
+    problems on the same path are then not repeated.
     """
     env = os.environ if env is None else env
     problems: list[str] = []
+    bad_paths: set[str] = set()
     values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    sources: dict[str, str] = {}
 
     def put(section: str, name: str, raw: Any, origin: str, from_text: bool) -> None:
         cls = _SECTIONS[section]
+        dotted = f"{section}.{name}"
         try:
             values[section][name] = _coerce(raw, _field_type(cls, name), name, from_text)
         except ValueError as exc:
-            problems.append(f"{section}.{name}: {exc} (from {origin})")
+            problems.append(f"{dotted}: {exc} (from {origin})")
+            bad_paths.add(dotted)
+            values[section].pop(name, None)
+            sources.pop(dotted, None)
+        else:
+            sources[dotted] = origin
+
+    for name, close in unknown_env(env):
+        log.warning(
+            "config.unknown_variable name=%s did_you_mean=%s",
+            name,
+            close or "-",
+        )
 
     path = path if path is not None else (env.get("WEIGHTCACHE_CONFIG") or None)
     if path is not None:
+        where = os.fspath(path)
+        doc: dict[str, Any] = {}
         try:
             with open(path, "rb") as fh:
                 doc = tomllib.load(fh)
         except OSError as exc:
-            raise ConfigInvalid([f"config file {os.fspath(path)}: {exc.strerror}"]) from exc
+            problems.append(f"config file {where}: {exc.strerror}")
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigInvalid([f"config file {os.fspath(path)}: {exc}"]) from exc
+            problems.append(f"config file {where}: {exc}")
         for section, table in doc.items():
             if section not in _SECTIONS:
-                problems.append(f"{section}: unknown section (known: {', '.join(_SECTIONS)})")
+                near = difflib.get_close_matches(section, list(_SECTIONS), n=1)
+                problems.append(
+                    f"{section}: unknown section (in {where}; known: {', '.join(_SECTIONS)})"
+                    + (f"; did you mean [{near[0]}]?" if near else "")
+                )
                 continue
             if not isinstance(table, dict):
-                problems.append(f"{section}: must be a table")
+                problems.append(f"{section}: must be a table (in {where})")
                 continue
-            known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+            known = [f.name for f in dataclasses.fields(_SECTIONS[section])]
             for name, raw in table.items():
                 if name not in known:
-                    problems.append(f"{section}.{name}: unknown option")
+                    near = difflib.get_close_matches(name, known, n=1)
+                    problems.append(
+                        f"{section}.{name}: unknown option (in {where})"
+                        + (f"; did you mean {section}.{near[0]}?" if near else "")
+                    )
                 elif (section, name) in _SECRET_FIELDS:
-                    where = (
+                    hint = (
                         "WEIGHTCACHE_TOKEN or daemon.token_file"
                         if section == "daemon"
-                        else "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                        else "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, "
+                        "the shared credentials file (s3.profile), web identity or the "
+                        "instance role"
                     )
                     problems.append(
-                        f"{section}.{name}: secrets are read from {where} only, "
-                        "never from the config file"
+                        f"{section}.{name}: secrets are read from {hint} only, "
+                        f"never from the config file (in {where})"
                     )
                 else:
-                    put(section, name, raw, "config file", from_text=False)
+                    put(section, name, raw, where, from_text=False)
 
     for var, (section, name) in _AWS_ENV.items():
         if env.get(var):
@@ -423,21 +565,26 @@ def load_config(
         if section not in _SECTIONS or name not in {
             f.name for f in dataclasses.fields(_SECTIONS[section])
         }:
-            problems.append(f"{dotted}: unknown option")
+            problems.append(f"{dotted}: unknown option (from the command line)")
             continue
         put(section, name, raw, "command line", from_text=isinstance(raw, str))
 
-    if problems:
-        raise ConfigInvalid(problems)
     values["cache"].setdefault("dir", _default_cache_dir(env))
+    values["s3"].setdefault("shared_credentials_file", _aws_file("credentials", env))
+    values["s3"].setdefault("config_file", _aws_file("config", env))
     token_file = values["daemon"].get("token_file")
     if token_file and not values["daemon"].get("token"):
         try:
             values["daemon"]["token"] = Path(token_file).read_text().strip()
         except OSError as exc:
-            raise ConfigInvalid([f"daemon.token_file: {exc.strerror}: {token_file}"]) from exc
+            problems.append(
+                f"daemon.token_file: {exc.strerror}: {token_file} "
+                f"(from {sources.get('daemon.token_file', 'default')})"
+            )
     cfg = Config(**{s: _SECTIONS[s](**values[s]) for s in _SECTIONS})
-    problems = _check(cfg)
+    for dotted, text in _check(cfg):
+        if dotted not in bad_paths:
+            problems.append(f"{text} (from {sources.get(dotted, 'the default')})")
     if problems:
         raise ConfigInvalid(problems)
     return cfg

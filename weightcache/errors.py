@@ -167,6 +167,14 @@ class OriginUnavailable(WeightcacheError):
     retryable = True
 
 
+class OriginHostUnknown(WeightcacheError):
+    """The origin's host name does not resolve: a wrong endpoint or broken DNS, so
+    the request fails at once instead of being retried as a busy origin would be."""
+
+    code = "origin_host_unknown"
+    http_status = 502
+
+
 class OriginDenied(WeightcacheError):
     """The origin refused our credentials."""
 
@@ -305,6 +313,7 @@ ALL_ERRORS: tuple[type[WeightcacheError], ...] = (
     CacheFull,
     CacheIOError,
     OriginUnavailable,
+    OriginHostUnknown,
     OriginDenied,
     OriginRejected,
     OriginRangeInvalid,

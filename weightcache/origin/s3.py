@@ -11,15 +11,27 @@ response (:class:`_AbortableHTTPConnection`), so an abort from the event loop
 shuts the socket down and a thread blocked on a stalled origin, before the
 response head or in the middle of the body, returns at once. Only a TCP connect
 in progress is not interrupted; ``fetch.connect_timeout_s`` bounds it.
+
+Credentials: minio's own providers, chained in the order the AWS SDKs document
+(:func:`credential_chain`): static keys from the environment (with
+``AWS_SESSION_TOKEN``), the profile in the shared credentials file, then in the
+config file, web identity (IRSA), then container credentials and the instance
+metadata service. The client asks the chain before every request; the chain
+hands back what it holds until 10 s before it expires, then asks again, so a
+long-running daemon renews role credentials without a restart. Config has read
+every setting; minio's ``IamAwsProvider`` also reads the same ``AWS_*``
+variables (and the ECS ``AWS_CONTAINER_*`` ones) from the process environment.
 """
 
 from __future__ import annotations
 
+import configparser
 import functools
 import io
 import os
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,13 +43,22 @@ import urllib3
 import urllib3.connection
 import urllib3.response
 from minio import Minio
+from minio.credentials.credentials import Credentials
+from minio.credentials.providers import (
+    AWSConfigProvider,
+    ChainedProvider,
+    IamAwsProvider,
+    Provider,
+    StaticProvider,
+)
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from weightcache.config import S3Config
+from weightcache.config import AWS_DEFAULT_ENDPOINT, S3Config
 from weightcache.errors import (
     ConfigInvalid,
     ObjectNotFound,
     OriginDenied,
+    OriginHostUnknown,
     OriginRangeInvalid,
     OriginRejected,
     OriginUnavailable,
@@ -107,35 +128,227 @@ class _AbortableHTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _AbortableHTTPSConnection
 
 
-def _classify(status: int, code: str, what: str) -> WeightcacheError:
+_KEYS_HINT = (
+    "check the credentials the chain found (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+    "AWS_SESSION_TOKEN, the AWS_PROFILE profile, the web identity role or the instance "
+    "role) and the bucket policy"
+)
+
+
+def describe_endpoint(cfg: S3Config) -> str:
+    """The endpoint for messages, saying when it is only the AWS default."""
+    if cfg.endpoint_url == AWS_DEFAULT_ENDPOINT:
+        return f"{cfg.endpoint_url} (the AWS default: no endpoint is configured)"
+    return cfg.endpoint_url
+
+
+def _endpoint_hint(endpoint: str) -> str:
+    if "the AWS default" in endpoint:
+        return (
+            "for MinIO, SeaweedFS or another S3-compatible store set AWS_ENDPOINT_URL_S3 "
+            "(or AWS_ENDPOINT_URL, s3.endpoint_url)"
+        )
+    return "check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / s3.endpoint_url and that it is up"
+
+
+def _classify(status: int, code: str, what: str, endpoint: str) -> WeightcacheError:
     if code in _NOT_FOUND or status == 404:
         return ObjectNotFound(f"{what} does not exist ({code or status})")
     if code in _DENIED or status in (401, 403):
         return OriginDenied(
-            f"{what}: access denied ({code or status})",
-            hint="check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
+            f"{what}: access denied ({code or status}) by {endpoint}",
+            hint=_KEYS_HINT,
+            endpoint=endpoint,
         )
     if status == 429 or status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
-        return OriginUnavailable(f"{what}: origin answered {status} {code}".rstrip())
-    return OriginRejected(f"{what}: origin refused the request ({status} {code})".rstrip())
+        return OriginUnavailable(
+            f"{what}: {endpoint} answered {status} {code}".rstrip(), endpoint=endpoint
+        )
+    return OriginRejected(
+        f"{what}: {endpoint} refused the request ({status} {code})".rstrip(), endpoint=endpoint
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause: the errno text of a failed connect rather than urllib3's repr."""
+    text = str(exc)
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        text = text.rpartition("): ")[2] or text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @contextmanager
-def _map_errors(what: str) -> Iterator[None]:
+def _map_errors(what: str, endpoint: str = "the origin") -> Iterator[None]:
     try:
         yield
     except WeightcacheError:
         raise
     except S3Error as exc:
         status = exc.response.status if exc.response is not None else 0
-        raise _classify(status, exc.code or "", what) from exc
+        raise _classify(status, exc.code or "", what, endpoint) from exc
     except ServerError as exc:
-        raise _classify(exc.status_code, "", what) from exc
+        raise _classify(exc.status_code, "", what, endpoint) from exc
     except InvalidResponseError as exc:
-        raise OriginUnavailable(f"{what}: unexpected response from the origin") from exc
+        raise OriginUnavailable(
+            f"{what}: unexpected response from {endpoint}", endpoint=endpoint
+        ) from exc
+    except urllib3.exceptions.NameResolutionError as exc:
+        # A name that does not resolve is a wrong endpoint or broken DNS, not a busy
+        # origin: fail now instead of retrying for seconds.
+        raise OriginHostUnknown(
+            f"{what}: the endpoint {endpoint} does not resolve ({_reason(exc)}); "
+            "not retried, after 1 attempt",
+            hint=_endpoint_hint(endpoint),
+            endpoint=endpoint,
+            attempts=1,
+        ) from exc
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         # Connection refused or reset, timeouts, bodies cut short (IncompleteRead).
-        raise OriginUnavailable(f"{what}: {type(exc).__name__}") from exc
+        raise OriginUnavailable(
+            f"{what}: {endpoint}: {_reason(exc)}",
+            hint=_endpoint_hint(endpoint),
+            endpoint=endpoint,
+        ) from exc
+
+
+_TOKEN_IN_URL = re.compile(r"(WebIdentityToken|Token|X-Amz-Security-Token)=[^&\s'\")]+", re.I)
+
+
+class _Link(Provider):
+    """One link of the chain: a name for messages, and every failure as ValueError.
+
+    :class:`ChainedProvider` moves on only on ``ValueError``; a missing file, an
+    unreachable metadata service or a malformed answer are the same "not here".
+    """
+
+    def __init__(self, name: str, inner: Provider) -> None:
+        self.name = name
+        self.inner = inner
+        self.failure = "not tried"
+
+    def retrieve(self) -> Credentials:
+        try:
+            return self.inner.retrieve()
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            OSError,
+            configparser.Error,
+            urllib3.exceptions.HTTPError,
+        ) as exc:
+            text = _reason(exc) if not isinstance(exc, ValueError) else str(exc)
+            # minio sends the web identity token in the STS URL, which its errors quote.
+            self.failure = _TOKEN_IN_URL.sub(r"\1=REDACTED", text)
+            raise ValueError(self.failure) from None
+
+
+class CredentialChain(Provider):
+    """minio's :class:`ChainedProvider` over named links, behind a lock.
+
+    The lock makes one thread renew expiring credentials while the others wait
+    for its result, instead of every transfer thread asking the metadata service
+    or STS at once. When no link has credentials, :class:`OriginDenied` lists
+    what each one said.
+    """
+
+    def __init__(self, links: list[_Link]) -> None:
+        self.links = links
+        self._chain = ChainedProvider(list(links))
+        self._lock = threading.Lock()
+
+    def retrieve(self) -> Credentials:
+        with self._lock:
+            try:
+                return self._chain.retrieve()
+            except ValueError:
+                tried = "; ".join(f"{link.name}: {link.failure}" for link in self.links)
+                raise OriginDenied(
+                    f"no S3 credentials found; tried {tried}",
+                    hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE with a "
+                    "shared credentials file, AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN "
+                    "(EKS IRSA), or give the instance a role",
+                ) from None
+
+
+def _ca_file(cfg: S3Config) -> str:
+    if cfg.ca_bundle is not None:
+        return os.fspath(cfg.ca_bundle)
+    return os.environ.get("SSL_CERT_FILE") or certifi.where()
+
+
+def credential_chain(cfg: S3Config, *, sts_timeout_s: float = 10.0) -> CredentialChain:
+    """The AWS SDKs' order: environment → shared files → web identity → container/IMDS."""
+    links: list[_Link] = []
+    if cfg.access_key_id:
+        links.append(
+            _Link(
+                "environment (AWS_ACCESS_KEY_ID)",
+                StaticProvider(cfg.access_key_id, cfg.secret_access_key, cfg.session_token or None),
+            )
+        )
+    else:
+        links.append(_Link("environment", _Nothing("AWS_ACCESS_KEY_ID is not set")))
+    profile = cfg.profile or "default"
+    links.append(
+        _Link(
+            f"profile {profile} in {cfg.shared_credentials_file}",
+            AWSConfigProvider(os.fspath(cfg.shared_credentials_file), profile),
+        )
+    )
+    # The config file names its sections "profile NAME", except the default one.
+    section = profile if profile == "default" else f"profile {profile}"
+    links.append(
+        _Link(
+            f"profile {profile} in {cfg.config_file}",
+            AWSConfigProvider(os.fspath(cfg.config_file), section),
+        )
+    )
+    if cfg.web_identity_token_file is not None:
+        sts = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=sts_timeout_s, read=sts_timeout_s),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503]),
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=_ca_file(cfg),
+        )
+        # The token file is read again at every renewal: kubelet rotates it.
+        links.append(
+            _Link(
+                f"web identity ({cfg.web_identity_token_file}, role {cfg.role_arn})",
+                IamAwsProvider(
+                    custom_endpoint=cfg.sts_endpoint or None,
+                    token_file=os.fspath(cfg.web_identity_token_file),
+                    role_arn=cfg.role_arn,
+                    region=cfg.region or None,
+                    http_client=sts,
+                ),
+            )
+        )
+    elif not cfg.metadata_disabled:
+        # Not after web identity: minio's IamAwsProvider would only try web identity
+        # again (it prefers AWS_WEB_IDENTITY_TOKEN_FILE), and IRSA is the pod's role.
+        # The AWS SDKs give the metadata service 1 s and one attempt: off EC2 nothing
+        # answers at 169.254.169.254, and a daemon must not wait minutes to say so.
+        t = cfg.metadata_timeout_s
+        imds = urllib3.PoolManager(timeout=urllib3.Timeout(connect=t, read=t), retries=False)
+        endpoint = cfg.metadata_endpoint or "http://169.254.169.254"
+        links.append(
+            _Link(
+                f"container or instance metadata ({endpoint})",
+                IamAwsProvider(custom_endpoint=cfg.metadata_endpoint or None, http_client=imds),
+            )
+        )
+    return CredentialChain(links)
+
+
+class _Nothing(Provider):
+    """A link that is not configured: says why, so the final message lists it."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def retrieve(self) -> Credentials:
+        raise ValueError(self.why)
 
 
 class S3Origin:
@@ -153,18 +366,18 @@ class S3Origin:
             raise ConfigInvalid([f"s3.endpoint_url: not an http(s) URL: {cfg.endpoint_url!r}"])
         self.bucket = bucket
         self.name = f"s3://{bucket}"
+        self.endpoint = describe_endpoint(cfg)
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
             maxsize=max_connections,
             retries=False,
             cert_reqs="CERT_REQUIRED",
-            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            ca_certs=_ca_file(cfg),
         )
         http.pool_classes_by_scheme = {"http": _AbortableHTTPPool, "https": _AbortableHTTPSPool}
         self._client = Minio(
             url.netloc,
-            access_key=cfg.access_key_id or None,
-            secret_key=cfg.secret_access_key or None,
+            credentials=credential_chain(cfg, sts_timeout_s=connect_timeout_s + read_timeout_s),
             secure=url.scheme == "https",
             region=cfg.region or None,
             http_client=http,
@@ -175,7 +388,7 @@ class S3Origin:
         return f"{self.name}/{key}"
 
     def read(self, key: str, *, max_bytes: int) -> bytes:
-        with _map_errors(self._what(key)):
+        with _map_errors(self._what(key), self.endpoint):
             resp = self._client.get_object(self.bucket, key)
             try:
                 data = resp.read(max_bytes + 1, decode_content=False)
@@ -196,7 +409,7 @@ class S3Origin:
     @contextmanager
     def open_range(self, key: str, offset: int, length: int) -> Iterator[Iterator[bytes]]:
         what = self._what(key)
-        with _map_errors(what):
+        with _map_errors(what, self.endpoint):
             resp = self._client.get_object(self.bucket, key, offset=offset, length=length)
         problem = range_problem(
             resp.status,
@@ -220,7 +433,7 @@ class S3Origin:
         def pieces() -> Iterator[bytes]:
             # read1: each piece as it arrives (up to 1 MiB), not filled to 1 MiB
             # first, so bytes that came before a reset are handed over and kept.
-            with _map_errors(what):
+            with _map_errors(what, self.endpoint):
                 while piece := resp.read1(_PIECE, decode_content=False):
                     yield piece
 
@@ -232,23 +445,23 @@ class S3Origin:
             resp.release_conn()
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        with _map_errors(f"{self.name}/{prefix}/"):
+        with _map_errors(f"{self.name}/{prefix}/", self.endpoint):
             for obj in self._client.list_objects(self.bucket, prefix=prefix + "/", recursive=True):
                 if obj.object_name is None or obj.is_dir:
                     continue
                 yield ObjectInfo(obj.object_name, int(obj.size or 0))
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        with _map_errors(self._what(key)):
+        with _map_errors(self._what(key), self.endpoint):
             self._client.put_object(self.bucket, key, io.BytesIO(data), len(data))
 
     def write_file(self, key: str, path: Path, *, part_bytes: int) -> None:
-        with _map_errors(self._what(key)):
+        with _map_errors(self._what(key), self.endpoint):
             # S3 makes a multipart upload visible only when it completes.
             self._client.fput_object(self.bucket, key, os.fspath(path), part_size=part_bytes)
 
     def ensure_bucket(self) -> None:
-        with _map_errors(self.name):
+        with _map_errors(self.name, self.endpoint):
             if not self._client.bucket_exists(self.bucket):
                 self._client.make_bucket(self.bucket)
 
