@@ -83,6 +83,11 @@ def _isolated_environment(
         if name.startswith("WEIGHTCACHE_") or name in _AWS_VARS:
             monkeypatch.delenv(name)
     monkeypatch.setenv("WEIGHTCACHE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    # Tests send traffic to loopback only: no test (nor a daemon it starts) may ask the
+    # instance metadata service at 169.254.169.254 for credentials. A config built from
+    # an explicit env that names no metadata endpoint gets a closed loopback port.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setattr("weightcache.origin.s3.METADATA_ENDPOINT", "http://127.0.0.1:9")
 
 
 @pytest.fixture(scope="session")

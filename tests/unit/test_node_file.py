@@ -121,7 +121,13 @@ def test_unreachable_origin_is_retried_then_falls_back_to_last_resolved_revision
 ) -> None:
     ref, _src = model
     # Nothing listens on port 9: every origin request is refused.
-    config = cfg(tmp_path, AWS_ENDPOINT_URL="http://127.0.0.1:9", WEIGHTCACHE_FETCH_RETRIES="2")
+    config = cfg(
+        tmp_path,
+        AWS_ENDPOINT_URL="http://127.0.0.1:9",
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test-secret",
+        WEIGHTCACHE_FETCH_RETRIES="2",
+    )
     s3_ref = parse_ref("s3://bucket/m")
     clock = FakeClock()
 

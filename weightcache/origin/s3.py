@@ -72,6 +72,10 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Expir
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
+#: the instance metadata service when AWS_EC2_METADATA_SERVICE_ENDPOINT names none
+METADATA_ENDPOINT = "http://169.254.169.254"
+
+
 def range_problem(
     status: int, content_range: str | None, content_length: str | None, offset: int, length: int
 ) -> str | None:
@@ -331,11 +335,11 @@ def credential_chain(cfg: S3Config, *, sts_timeout_s: float = 10.0) -> Credentia
         # answers at 169.254.169.254, and a daemon must not wait minutes to say so.
         t = cfg.metadata_timeout_s
         imds = urllib3.PoolManager(timeout=urllib3.Timeout(connect=t, read=t), retries=False)
-        endpoint = cfg.metadata_endpoint or "http://169.254.169.254"
+        endpoint = cfg.metadata_endpoint or METADATA_ENDPOINT
         links.append(
             _Link(
                 f"container or instance metadata ({endpoint})",
-                IamAwsProvider(custom_endpoint=cfg.metadata_endpoint or None, http_client=imds),
+                IamAwsProvider(custom_endpoint=endpoint, http_client=imds),
             )
         )
     return CredentialChain(links)
