@@ -106,11 +106,9 @@ class CopyEvent(Protocol):
 
     def query(self) -> bool:
         """True once every copy queued before the event has completed; never blocks."""
-        ...
 
     def synchronize(self) -> None:
         """Block until the copies have completed; raise if they failed."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,23 +137,18 @@ class Copier(Protocol[S, D]):
 
     def allocate(self, nbytes: int) -> S:
         """A new staging buffer of ``nbytes`` (pinned host memory for CUDA)."""
-        ...
 
     def host_view(self, buffer: S) -> memoryview:
         """A writable, byte-format view of ``buffer`` for the reader threads."""
-        ...
 
     def destination(self, nbytes: int) -> D:
         """A new destination of ``nbytes`` (one device allocation per file)."""
-        ...
 
     def copy(self, buffer: S, runs: Sequence[CopyRun[D]]) -> CopyEvent:
         """Queue ``runs`` out of ``buffer``; an event that completes after the last."""
-        ...
 
     def free(self, buffer: S) -> None:
         """Give a staging buffer's memory back (the ring is closing)."""
-        ...
 
 
 class Reader(Protocol):

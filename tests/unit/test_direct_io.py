@@ -90,7 +90,10 @@ def test_direct_jobs_land_where_asked_whatever_the_alignment(
     # the file's end; a small bounce buffer so that long unaligned reads take
     # several rounds through it.
     if not supports_direct(tmp_path):
-        pytest.skip(f"{tmp_path} refuses O_DIRECT")
+        pytest.fail(
+            f"{tmp_path} refuses O_DIRECT: run the tests with a temporary directory on a "
+            "file system that supports it (ext4, xfs), e.g. TMPDIR=/var/tmp"
+        )
     monkeypatch.setattr(readers, "BOUNCE_BYTES", 3 * 4096)
     data = random.Random(3).randbytes(200_003)
     path = tmp_path / "blob"
@@ -151,7 +154,10 @@ def test_o_direct_refused_on_read_falls_back_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     if not supports_direct(tmp_path):
-        pytest.skip(f"{tmp_path} refuses O_DIRECT")
+        pytest.fail(
+            f"{tmp_path} refuses O_DIRECT: run the tests with a temporary directory on a "
+            "file system that supports it (ext4, xfs), e.g. TMPDIR=/var/tmp"
+        )
     real = readers._preadv
     direct_fds: set[int] = set()
     real_open = readers._open
@@ -232,7 +238,10 @@ def test_a_file_truncated_under_a_direct_read_is_cache_corrupt(
     model: dict[str, Path], tmp_path: Path
 ) -> None:
     if not supports_direct(tmp_path):
-        pytest.skip(f"{tmp_path} refuses O_DIRECT")
+        pytest.fail(
+            f"{tmp_path} refuses O_DIRECT: run the tests with a temporary directory on a "
+            "file system that supports it (ext4, xfs), e.g. TMPDIR=/var/tmp"
+        )
     path = next(iter(model.values()))
     before = open_fds()
     with ReaderPool(2) as pool, SafetensorsFile.open(path) as f:
@@ -250,7 +259,10 @@ def test_eio_under_a_direct_read_is_cache_io_error(
     model: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not supports_direct(tmp_path):
-        pytest.skip(f"{tmp_path} refuses O_DIRECT")
+        pytest.fail(
+            f"{tmp_path} refuses O_DIRECT: run the tests with a temporary directory on a "
+            "file system that supports it (ext4, xfs), e.g. TMPDIR=/var/tmp"
+        )
 
     def eio(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
         raise OSError(errno.EIO, "Input/output error")
