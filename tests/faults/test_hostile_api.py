@@ -145,6 +145,11 @@ class Served:
                 "WEIGHTCACHE_DAEMON_LISTEN": "127.0.0.1:0",
                 "WEIGHTCACHE_FETCH_RETRIES": "0",
                 "AWS_ENDPOINT_URL": CLOSED_ENDPOINT,
+                # Keys, so that an S3 ref reaches the (closed) endpoint: unavailable,
+                # not denied for want of credentials.
+                "AWS_ACCESS_KEY_ID": "hostile",
+                "AWS_SECRET_ACCESS_KEY": "hostile-secret",
+                "AWS_EC2_METADATA_DISABLED": "true",
                 **self.env,
             }
         )
@@ -1297,6 +1302,7 @@ def test_malformed_http_against_the_real_daemon(tmp_path: Path) -> None:
     sock_path = tmp_path / "d.sock"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTCACHE_", "AWS_"))} | {
+        "AWS_EC2_METADATA_DISABLED": "true",  # loopback only, even for credentials
         "WEIGHTCACHE_CACHE_DIR": str(tmp_path / "cache"),
         "WEIGHTCACHE_CACHE_RESERVE_BYTES": "0",
         "WEIGHTCACHE_TOKEN": TOKEN,

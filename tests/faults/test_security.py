@@ -355,6 +355,7 @@ class Daemon:
         self.sock = tmp / f"{name}.sock"
         self.log_path = tmp / f"{name}.log"
         base = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTCACHE_", "AWS_"))}
+        base["AWS_EC2_METADATA_DISABLED"] = "true"  # loopback only, even for credentials
         args = [sys.executable, "-m", "weightcache", "-vv", "daemon", "--socket", str(self.sock)]
         if tcp:
             args += ["--listen", "127.0.0.1:0"]
