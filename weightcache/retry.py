@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from weightcache.aio import Clock, RealClock
+from weightcache.errors import WeightcacheError
 
 __all__ = ["Backoff", "backoff_delay", "retry_async", "retry_sync"]
 
@@ -55,6 +56,13 @@ class Backoff:
         return backoff_delay(attempt, self.base_s, self.max_s, self.rng)
 
 
+def _gave_up(exc: BaseException, attempts: int) -> None:
+    """The error that ends the retries says how many attempts were made."""
+    if isinstance(exc, WeightcacheError) and attempts > 1 and "attempts" not in exc.facts:
+        exc.facts["attempts"] = attempts
+        exc.message = f"{exc.message} (after {attempts} attempts)"
+
+
 def retry_sync(
     fn: Callable[[], T],
     backoff: Backoff,
@@ -71,6 +79,7 @@ def retry_sync(
             return fn()
         except on as exc:
             if attempt >= backoff.retries:
+                _gave_up(exc, attempt + 1)
                 raise
             delay = backoff.delay(attempt, exc)
             attempt += 1
@@ -95,6 +104,7 @@ async def retry_async(
             return await fn()
         except on as exc:
             if attempt >= backoff.retries:
+                _gave_up(exc, attempt + 1)
                 raise
             delay = backoff.delay(attempt, exc)
             attempt += 1

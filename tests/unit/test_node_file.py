@@ -138,9 +138,12 @@ def test_unreachable_origin_is_retried_then_falls_back_to_last_resolved_revision
         finally:
             await node.aclose()
 
-    with pytest.raises(OriginUnavailable):
+    with pytest.raises(OriginUnavailable) as info:
         asyncio.run(attempt())
     assert len(clock.sleeps) == 2  # the manifest read was retried with backoff, then gave up
+    # ... and says so, with the endpoint it tried.
+    assert info.value.facts["attempts"] == 3 and "after 3 attempts" in info.value.message
+    assert "127.0.0.1:9" in info.value.message
 
     # Once a revision of that location is cached, an origin outage does not stop loads.
     local = ensure_blocking(ref, config)  # type: ignore[arg-type]
