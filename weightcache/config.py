@@ -124,6 +124,8 @@ class S3Config:
     metadata_endpoint: str = ""
     metadata_disabled: bool = False
     metadata_timeout_s: float = 1.0
+    #: send requests unsigned, with no credential chain (a public bucket)
+    anonymous: bool = False
     #: bucket for bare ``NAME`` refs
     default_bucket: str = ""
 

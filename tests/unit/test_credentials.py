@@ -13,6 +13,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -379,13 +380,14 @@ def test_session_token_is_not_accepted_from_the_file(tmp_path: Path) -> None:
     assert "leak" not in str(info.value)
 
 
-def test_session_token_reaches_the_signer(tmp_path: Path) -> None:
-    # A loopback server that records the headers of what it is sent.
+@contextmanager
+def _recording_origin() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A loopback server that records the headers of what it is sent (and answers 404)."""
     seen: list[dict[str, str]] = []
 
     class Recorder(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
-            pass
+            return None  # quiet
 
         def do_GET(self) -> None:
             seen.append(dict(self.headers))
@@ -399,22 +401,29 @@ def test_session_token_reaches_the_signer(tmp_path: Path) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    env = _env(
-        tmp_path,
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{server.server_address[1]}",
-        AWS_ACCESS_KEY_ID="AKIDEXAMPLE",
-        AWS_SECRET_ACCESS_KEY="s",
-        AWS_SESSION_TOKEN="sEsSiOnT0K",
-    )
-    origin = S3Origin("models", load_config(env=env).s3)
     try:
-        with pytest.raises(ObjectNotFound):
-            origin.read("m/manifest.json", max_bytes=1024)
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
     finally:
-        origin.close()
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_session_token_reaches_the_signer(tmp_path: Path) -> None:
+    with _recording_origin() as (endpoint, seen):
+        env = _env(
+            tmp_path,
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="AKIDEXAMPLE",
+            AWS_SECRET_ACCESS_KEY="s",
+            AWS_SESSION_TOKEN="sEsSiOnT0K",
+        )
+        origin = S3Origin("models", load_config(env=env).s3)
+        try:
+            with pytest.raises(ObjectNotFound):
+                origin.read("m/manifest.json", max_bytes=1024)
+        finally:
+            origin.close()
     assert seen[0]["X-Amz-Security-Token"] == "sEsSiOnT0K"
     assert "Credential=AKIDEXAMPLE/" in seen[0]["Authorization"]
     assert "x-amz-security-token" in seen[0]["Authorization"]  # signed, not just sent
@@ -464,3 +473,25 @@ def test_a_refused_connection_names_the_endpoint(tmp_path: Path) -> None:
     assert endpoint in info.value.message
     assert "refused" in info.value.message.lower()
     assert info.value.hint
+
+
+def test_anonymous_requests_are_unsigned_and_need_no_credentials(tmp_path: Path) -> None:
+    # A public bucket: nothing configured anywhere. Without s3.anonymous that is
+    # origin_denied before any request; with it, requests go out unsigned.
+    with _recording_origin() as (endpoint, seen):
+        env = _env(tmp_path, AWS_ENDPOINT_URL=endpoint, AWS_EC2_METADATA_DISABLED="true")
+        origin = S3Origin("models", load_config(env=env).s3)
+        try:
+            with pytest.raises(OriginDenied, match="no S3 credentials found"):
+                origin.read("m/manifest.json", max_bytes=1024)
+        finally:
+            origin.close()
+        assert seen == []
+        anonymous = load_config(env={**env, "WEIGHTCACHE_S3_ANONYMOUS": "true"}).s3
+        origin = S3Origin("models", anonymous)
+        try:
+            with pytest.raises(ObjectNotFound):
+                origin.read("m/manifest.json", max_bytes=1024)
+        finally:
+            origin.close()
+        assert len(seen) == 1 and "Authorization" not in seen[0]

@@ -379,9 +379,15 @@ class S3Origin:
             ca_certs=_ca_file(cfg),
         )
         http.pool_classes_by_scheme = {"http": _AbortableHTTPPool, "https": _AbortableHTTPSPool}
+        # A public bucket is read unsigned (s3.anonymous), as `aws s3 --no-sign-request`.
+        chain = (
+            None
+            if cfg.anonymous
+            else credential_chain(cfg, sts_timeout_s=connect_timeout_s + read_timeout_s)
+        )
         self._client = Minio(
             url.netloc,
-            credentials=credential_chain(cfg, sts_timeout_s=connect_timeout_s + read_timeout_s),
+            credentials=chain,
             secure=url.scheme == "https",
             region=cfg.region or None,
             http_client=http,
