@@ -17,6 +17,7 @@ and its result is applied back on the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -478,8 +479,10 @@ class Service:
         try:
             await asyncio.shield(self._save_lease(lease.id))
         except asyncio.CancelledError:
-            if self.leases.release(lease.id) is not None or lease.id in self.leases.leases:
-                self._chore(self._save_lease(lease.id))
+            with contextlib.suppress(NotFound):  # reaped meanwhile: nothing to give back
+                self.leases.release(lease.id)
+            # The record is written with whatever state is left (or deleted).
+            self._chore(self._save_lease(lease.id))
             raise
         return lease
 

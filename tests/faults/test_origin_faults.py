@@ -35,6 +35,7 @@ import weightcache
 from tests.support.daemon import Daemon, call
 from tests.support.faultproxy import FaultProxy, Record
 from tests.support.models import assert_bitwise_equal, reference, tensors_digest, write_model
+from tests.support.stopping import stop_stalled_fetch
 from weightcache.api.server import HANDLER_GRACE_S
 from weightcache.config import load_config
 from weightcache.errors import (
@@ -468,19 +469,7 @@ def test_stalled_transfers_are_unblocked_at_once_by_abort_or_cancel(
             ):
                 assert time.monotonic() < deadline and not task.done(), scene.proxy.log
                 await asyncio.sleep(0.01)
-            started = time.monotonic()
-            if stop == "cancel":
-                task.cancel()
-            else:
-                assert transfers.abort_all() == chunks
-            raised: BaseException | None = None
-            try:
-                await asyncio.wait_for(task, 10)
-            except (asyncio.CancelledError, ShuttingDown) as exc:
-                raised = exc
-            # Every transfer thread is done, not only the coroutines.
-            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
-            return raised, time.monotonic() - started
+            return await stop_stalled_fetch(task, transfers, stop, chunks, pool, 10)
         finally:
             pool.shutdown(wait=False)
             origin.close()

@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support.origins import FakeClock, FaultyOrigin
+from tests.support.stopping import stop_stalled_fetch
 from weightcache.config import FetchConfig
 from weightcache.errors import (
     CacheFull,
@@ -392,18 +393,7 @@ def run_stalled(
             while origin.stalled < stalls:
                 assert time.monotonic() < deadline and not task.done()
                 await asyncio.sleep(0.005)
-            started = time.monotonic()
-            if stop == "cancel":
-                task.cancel()
-            else:
-                assert transfers.abort_all() == stalls
-            raised: BaseException | None = None
-            try:
-                await asyncio.wait_for(task, 5)
-            except (asyncio.CancelledError, ShuttingDown) as exc:
-                raised = exc
-            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
-            return raised, time.monotonic() - started
+            return await stop_stalled_fetch(task, transfers, stop, stalls, pool, 5)
         finally:
             pool.shutdown(wait=False)
 
