@@ -9,6 +9,7 @@ daemon and the ``weightcache`` command over its socket.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -107,6 +108,11 @@ async def test_a_schedule_warms_before_its_peak_holds_through_evictions_then_let
         await eventually(
             lambda: not service.prefetching.schedules_book.pins, what="the pin's release"
         )
+        # The record goes too (written right after the release, in a worker thread).
+        for _ in range(500):
+            if not await service.hop(lambda: list(service.node.index.items("pin"))):
+                break
+            await asyncio.sleep(0.01)
         assert not await service.hop(lambda: list(service.node.index.items("pin")))
         assert (await service.status())["pins"] == []
         await service.ensure(b.ref, lease=False)
