@@ -8,6 +8,7 @@ files into its own directory, so a developer's ~/.aws never takes part.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -343,6 +344,53 @@ def test_a_refused_web_identity_does_not_leak_the_token(tmp_path: Path) -> None:
     # Nor does a logged traceback: the causes quoting the URL are suppressed.
     printed = "".join(traceback.format_exception(info.value))
     assert "eyJ-secret-jwt" not in printed
+
+
+def test_debug_logging_never_shows_the_web_identity_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # urllib3 logs each request line at DEBUG, and minio puts the token in the
+    # query of the STS URL.
+    token = tmp_path / "token"
+    token.write_text("eyJ-irsa-jwt-in-the-query")
+    role = "arn:aws:iam::123456789012:role/weightcache"
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))
+    monkeypatch.setenv("AWS_ROLE_ARN", role)
+    sts = FakeSTS(timedelta(hours=1))
+    try:
+        env = _env(
+            tmp_path,
+            AWS_WEB_IDENTITY_TOKEN_FILE=str(token),
+            AWS_ROLE_ARN=role,
+            AWS_ENDPOINT_URL_STS=sts.url,
+        )
+        with caplog.at_level(logging.DEBUG):
+            creds = credential_chain(load_config(env=env).s3).retrieve()
+            # When a connection breaks, urllib3 logs the URL it retries at WARNING
+            # (a POST is retried only when the connect fails): its call, as made.
+            url = f"/?Action=AssumeRoleWithWebIdentity&WebIdentityToken={token.read_text()}"
+            logging.getLogger("urllib3.connectionpool").warning(
+                "Retrying (%r) after connection broken by '%r': %s",
+                "Retry(total=1)",
+                ConnectionRefusedError(111, "refused"),
+                url,
+            )
+            logging.getLogger("urllib3.util.retry").debug(
+                "Incremented Retry for (url='%s'): %r", url, "Retry(total=1)"
+            )
+    finally:
+        sts.close()
+    assert creds.access_key == "sts-key-1"
+    assert [c["WebIdentityToken"] for c in sts.calls] == [["eyJ-irsa-jwt-in-the-query"]]
+    urllib3_lines = [r.getMessage() for r in caplog.records if r.name.startswith("urllib3.")]
+    # The records are there, query and all, with the token cut out of each.
+    requested = [m for m in urllib3_lines if '"POST /?' in m]
+    assert len(requested) == 1 and "RoleArn=arn" in requested[0], urllib3_lines
+    redacted = [m for m in urllib3_lines if "WebIdentityToken=REDACTED" in m]
+    assert len(redacted) == 3, urllib3_lines
+    for secret in ("eyJ-irsa-jwt-in-the-query", "sts-secret", "sts-session"):
+        assert secret not in caplog.text
+        assert not [m for m in urllib3_lines if secret in m]
 
 
 def test_endpoint_and_region_precedence(tmp_path: Path) -> None:

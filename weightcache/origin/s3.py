@@ -28,6 +28,7 @@ from __future__ import annotations
 import configparser
 import functools
 import io
+import logging
 import os
 import re
 import socket
@@ -216,6 +217,29 @@ def _map_errors(what: str, endpoint: str = "the origin") -> Iterator[None]:
 
 
 _TOKEN_IN_URL = re.compile(r"(WebIdentityToken|Token|X-Amz-Security-Token)=[^&\s'\")]+", re.I)
+
+
+class _RedactTokens(logging.Filter):
+    """Cuts tokens out of urllib3's log records before any handler sees them.
+
+    urllib3 logs each request's URL (at DEBUG, and at WARNING when it retries a
+    broken connection), and minio sends the web identity token in the query of
+    the STS URL. A filter on a logger sees only the records logged on it, not
+    those of its children, so it sits on each urllib3 logger that names a URL.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except (TypeError, ValueError):  # a malformed record: let logging report it
+            return True
+        if _TOKEN_IN_URL.search(text):
+            record.msg, record.args = _TOKEN_IN_URL.sub(r"\1=REDACTED", text), None
+        return True
+
+
+for _name in ("urllib3.connectionpool", "urllib3.poolmanager", "urllib3.util.retry"):
+    logging.getLogger(_name).addFilter(_RedactTokens())
 
 
 class _Link(Provider):
