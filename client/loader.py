@@ -272,6 +272,8 @@ def _load(
     report.mode = ensured.mode
     report.cache_hit = ensured.cache_hit
     report.origin_bytes = ensured.origin_bytes
+    report.peer_bytes = ensured.peer_bytes
+    report.source = ensured.source
     report.reused_bytes = ensured.reused_bytes
     report.coalesced_bytes = ensured.coalesced_bytes
     report.resumed_bytes = ensured.resumed_bytes

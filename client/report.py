@@ -38,6 +38,11 @@ class LoadReport:
     bytes_read: int = 0
     #: bytes this load made the origin send (0 on a cache hit)
     origin_bytes: int = 0
+    #: bytes the daemon took from peer daemons for this load (verified)
+    peer_bytes: int = 0
+    #: where the bytes came from: "cache", "origin", "peer" or "origin+peer" (the
+    #: daemon's word; "" in embedded mode: see origin_bytes)
+    source: str = ""
     #: bytes already in the cache from another model or revision (deduplicated)
     reused_bytes: int = 0
     #: bytes another request or process pulled while this load waited for it
@@ -95,6 +100,7 @@ class LoadReport:
             f"load.done ref={self.ref} revision={self.revision[:16]} device={self.device} "
             f"mode={self.mode} sink={self.sink} hit={self.cache_hit} files={self.files} "
             f"tensors={self.tensors} bytes={self.bytes_read} origin_bytes={self.origin_bytes} "
+            f"peer_bytes={self.peer_bytes} source={self.source or '-'} "
             f"coalesced_bytes={self.coalesced_bytes} reused_bytes={self.reused_bytes} "
             f"import_s={self.import_s:.3f} resolve_s={self.resolve_s:.3f} "
             f"fetch_s={self.fetch_s:.3f} read_s={self.read_s:.3f} h2d_s={self.h2d_s:.3f} "

@@ -27,6 +27,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from weightcache.errors import ConfigInvalid
@@ -183,6 +184,33 @@ class PrefetchConfig:
 
 
 @dataclass(frozen=True)
+class PeersConfig:
+    #: other daemons' base URLs (``http://10.0.0.7:7878``); this node's own may be
+    #: among them and is recognised (``WEIGHTCACHE_PEERS_URLS``: comma-separated)
+    urls: tuple[str, ...] = ()
+    #: or a name resolved every ``refresh_s`` to the peers' addresses (a headless
+    #: Service in Kubernetes), each reached on ``port``
+    dns: str = ""
+    port: int = 7878
+    refresh_s: float = 30.0
+    #: an owner holds a request for a chunk it is still pulling this long
+    wait_s: float = 60.0
+    #: a peer that sends no byte for this long is slow: the chunk goes elsewhere
+    timeout_s: float = 10.0
+    connect_timeout_s: float = 2.0
+    #: a peer that could not be reached (or was slow) is skipped this long
+    down_s: float = 15.0
+    #: a peer that sent a wrong byte is avoided this long
+    avoid_s: float = 600.0
+    #: chunk transfers from peers at once (slots of their own: see docs/operations.md)
+    concurrency: int = 8
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.urls or self.dns)
+
+
+@dataclass(frozen=True)
 class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
@@ -190,6 +218,7 @@ class Config:
     s3: S3Config = field(default_factory=S3Config)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
 
     @property
     def socket_path(self) -> Path:
@@ -203,6 +232,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "s3": S3Config,
     "daemon": DaemonConfig,
     "prefetch": PrefetchConfig,
+    "peers": PeersConfig,
 }
 # Secrets are only taken from the environment, never from the TOML file, so that
 # a config file can be shared and committed.
@@ -251,6 +281,13 @@ def _field_type(section: type[Any], name: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, name: str, from_text: bool) -> Any:
+    if get_origin(hint) is tuple:
+        # A list of strings: a TOML array, or comma-separated text from a variable.
+        if isinstance(value, str) and from_text:
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        raise ValueError(f"must be a list of strings, got {value!r}")
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ValueError("must be a non-empty path string")
@@ -400,6 +437,7 @@ def _check(cfg: Config) -> list[tuple[str, str]]:
         pf.history_max_models,
     )
     need(_zone_ok(pf.tz), "prefetch.tz", "must be an IANA time zone such as UTC", pf.tz)
+    problems += _check_peers(cfg.peers)
     s3 = cfg.s3
     need(
         s3.endpoint_url.startswith(("http://", "https://")),
@@ -438,6 +476,37 @@ def _check(cfg: Config) -> list[tuple[str, str]]:
         s3.metadata_timeout_s,
     )
     return problems
+
+
+def _check_peers(peers: PeersConfig) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+
+    def need(ok: bool, path: str, why: str, got: Any) -> None:
+        if not ok:
+            problems.append((path, f"{path}: {why}, got {got!r}"))
+
+    for url in peers.urls:
+        need(_peer_url_ok(url), "peers.urls", "each must be http(s)://HOST:PORT", url)
+    need(1 <= peers.port <= 65535, "peers.port", "must be in 1..65535", peers.port)
+    for name in ("refresh_s", "wait_s", "timeout_s", "connect_timeout_s", "down_s", "avoid_s"):
+        value = getattr(peers, name)
+        need(value > 0, f"peers.{name}", "must be > 0", value)
+    need(1 <= peers.concurrency <= 256, "peers.concurrency", "must be in 1..256", peers.concurrency)
+    return problems
+
+
+def _peer_url_ok(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return (
+            parts.scheme in ("http", "https")
+            and bool(parts.hostname)
+            and parts.port is not None
+            and parts.path in ("", "/")
+            and not parts.query
+        )
+    except ValueError:
+        return False
 
 
 def _known_env() -> set[str]:

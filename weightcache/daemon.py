@@ -29,6 +29,7 @@ from pathlib import Path
 from weightcache.api.server import BACKLOG, Listeners
 from weightcache.config import Config
 from weightcache.errors import ConfigInvalid
+from weightcache.peers.setup import check_peers
 from weightcache.service import Service
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def run_daemon(
     ``loop_factory`` picks the event loop (the CLI passes uvloop's).
     """
     check_exposure(cfg)
+    check_peers(cfg)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         try:
             return runner.run(serve(cfg))

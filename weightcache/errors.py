@@ -297,6 +297,23 @@ class ShuttingDown(WeightcacheError):
     retryable = True
 
 
+class PeerBusy(OriginUnavailable):
+    """A peer cannot give a chunk now (it is coming from another peer, another
+    process holds the blob, or it did not arrive in ``peers.wait_s``): ask the next."""
+
+    code = "peer_busy"
+    http_status = 503
+    retryable = True
+
+
+class PeerIsSelf(WeightcacheError):
+    """A peer request reached the daemon that sent it (its own URL in the peer list
+    under another name): the sender learns the URL is itself."""
+
+    code = "peer_is_self"
+    http_status = 409
+
+
 ALL_ERRORS: tuple[type[WeightcacheError], ...] = (
     WeightcacheError,
     RefInvalid,
@@ -329,6 +346,8 @@ ALL_ERRORS: tuple[type[WeightcacheError], ...] = (
     TooManyLeases,
     Overloaded,
     ShuttingDown,
+    PeerBusy,
+    PeerIsSelf,
 )
 
 BY_CODE: dict[str, type[WeightcacheError]] = {cls.code: cls for cls in ALL_ERRORS}

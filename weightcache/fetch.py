@@ -52,17 +52,25 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from weightcache.aio import Clock, RealClock, run_all
 from weightcache.config import FetchConfig
 from weightcache.errors import (
+    CacheFull,
+    CacheIOError,
     HashMismatch,
+    ObjectNotFound,
+    OriginDenied,
+    OriginRangeInvalid,
+    OriginRejected,
     OriginUnavailable,
+    PeerBusy,
+    PeerIsSelf,
     ShuttingDown,
     WeightcacheError,
 )
@@ -72,6 +80,9 @@ from weightcache.origin.base import Abort, Origin, abort_scope
 from weightcache.retry import backoff_delay
 from weightcache.scheduler import Priority, PrioritySlots, Urgency
 from weightcache.store import Store, disk_errors
+
+if TYPE_CHECKING:
+    from weightcache.peers.route import PeerRoute
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +153,11 @@ class FetchStats:
     #: bytes of the blob found on disk and verified: recorded chunks, and the
     #: synced prefixes of chunks a previous puller was in the middle of
     resumed_bytes: int = 0
+    #: bytes received from peers (verified or not: a corrupt chunk counts, then is refetched)
+    peer_bytes: int = 0
+    #: chunks that came whole from a peer, and chunks a peer failed to give
+    peer_chunks: int = 0
+    peer_failures: int = 0
     on_origin_bytes: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -214,6 +230,46 @@ class Transfers:
 ProgressFn = Callable[[int], None]
 
 
+@dataclass
+class Flight:
+    """A chunk on its way into the part file: who it comes from, and when it is done."""
+
+    #: "origin", a peer's URL, or "" while not yet decided
+    source: str
+    done: asyncio.Future[bool]
+
+
+class ChunkFlights:
+    """The chunks of one blob in flight in this process, one fetch each.
+
+    Shared by the blob's own pull and by peers asking for its chunks: whoever
+    comes second waits for the first (:meth:`run`), and a peer's request can wait
+    for a chunk the origin is sending (:meth:`get`). Lives on the event loop.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[int, Flight] = {}
+
+    def get(self, index: int) -> Flight | None:
+        return self._live.get(index)
+
+    async def run(self, index: int, fetch: Callable[[Flight], Awaitable[None]]) -> None:
+        """Fetch chunk ``index`` with ``fetch`` unless another fetch of it is running,
+        then wait for that one instead (and fetch it after all if that one failed)."""
+        while (other := self._live.get(index)) is not None:
+            if await asyncio.shield(other.done):
+                return
+        flight = Flight("", asyncio.get_running_loop().create_future())
+        self._live[index] = flight
+        ok = False
+        try:
+            await fetch(flight)
+            ok = True
+        finally:
+            del self._live[index]
+            flight.done.set_result(ok)
+
+
 class _ChunkHashMismatch(Exception):
     def __init__(self, actual: str, *, resumed: bool) -> None:
         self.actual = actual
@@ -226,6 +282,11 @@ class _Interrupted(Exception):
     def __init__(self, error: OriginUnavailable, written: int) -> None:
         self.error = error
         self.written = written
+
+
+#: a peer's answers that cost one attempt and move the chunk on (not-found does not
+#: mark the peer down: it may simply not know the revision)
+_PEER_REFUSALS = (ObjectNotFound, OriginDenied, OriginRejected, OriginRangeInvalid)
 
 
 class _Aborted(Exception):
@@ -247,6 +308,8 @@ class Fetcher:
     transfers: Transfers = field(default_factory=Transfers)
     #: a transfer syncs the part file and records its progress every this many bytes
     checkpoint_bytes: int = CHECKPOINT_BYTES
+    #: where chunks owned by other nodes come from (None: every chunk from the origin)
+    peers: PeerRoute | None = None
 
     def __post_init__(self) -> None:
         if self.slots is None:
@@ -264,8 +327,11 @@ class Fetcher:
         entry: FileEntry,
         stats: FetchStats,
         on_bytes: ProgressFn | None = None,
+        flights: ChunkFlights | None = None,
     ) -> None:
-        """Download ``entry`` into ``blobs/``. The caller holds the blob's lock."""
+        """Download ``entry`` into ``blobs/``. The caller holds the blob's lock;
+        ``flights`` are the blob's chunks in flight in this process (peers wait on them)."""
+        flights = flights if flights is not None else ChunkFlights()
         digest = entry.blake3
         await self._hop(self.store.open_part, digest, entry.size)
         done, started = await self._hop(self._resume_state, entry)
@@ -285,7 +351,7 @@ class Fetcher:
             )
         todo = [i for i in range(len(entry.chunks)) if i not in done]
         for _round in range(2):
-            await self._fetch_chunks(origin, key, entry, todo, stats, on_bytes, started)
+            await self._fetch_chunks(origin, key, entry, todo, stats, on_bytes, started, flights)
             try:
                 await self._hop(self.store.commit_blob, digest, entry.size)
                 return
@@ -348,15 +414,46 @@ class Fetcher:
         stats: FetchStats,
         on_bytes: ProgressFn | None,
         started: dict[int, int],
+        flights: ChunkFlights,
     ) -> None:
         if not todo:
             return
-        await run_all(
-            [
-                self._chunk(origin, key, entry, index, stats, on_bytes, started.get(index, 0))
-                for index in todo
-            ]
-        )
+
+        async def one(index: int) -> None:
+            fetched = False
+
+            async def fetch(flight: Flight) -> None:
+                nonlocal fetched
+                fetched = True
+                await self._chunk(
+                    origin, key, entry, index, stats, on_bytes, started.get(index, 0), flight
+                )
+
+            await flights.run(index, fetch)
+            if not fetched and on_bytes:
+                on_bytes(entry.chunk_range(index)[1])  # a peer's request brought it
+
+        await run_all([one(index) for index in todo])
+
+    async def fetch_chunk(
+        self,
+        origin: Origin,
+        key: str,
+        entry: FileEntry,
+        index: int,
+        stats: FetchStats,
+        flights: ChunkFlights,
+    ) -> None:
+        """Bring one chunk into the part file (for a peer that asked for it); the
+        caller holds the blob's lock and has checked it is not there yet."""
+        await self._hop(self.store.open_part, entry.blake3, entry.size)
+        recorded = (await self._hop(self.store.read_progress, entry.blake3)).get(index, 0)
+        recorded = recorded if 0 < recorded <= entry.chunk_range(index)[1] else 0
+
+        async def fetch(flight: Flight) -> None:
+            await self._chunk(origin, key, entry, index, stats, None, recorded, flight)
+
+        await flights.run(index, fetch)
 
     async def _chunk(
         self,
@@ -367,15 +464,25 @@ class Fetcher:
         stats: FetchStats,
         on_bytes: ProgressFn | None,
         recorded: int,
+        flight: Flight | None = None,
     ) -> None:
         offset, length = entry.chunk_range(index)
         expected = entry.chunks[index]
+        inherited = recorded
+        if self.peers is not None:
+            got, recorded = await self._from_peers(entry, index, stats, recorded, flight)
+            if got:
+                if on_bytes:
+                    on_bytes(length)
+                return
+        if flight is not None:
+            flight.source = "origin"
         transient = 0
         corrupt = 0
         #: bytes of this chunk already in the part file: the next attempt starts there
         kept = recorded
         #: of which a previous puller left (counted as resumed once verified)
-        inherited = recorded
+        inherited = min(inherited, recorded)
         forgave = False
         assert self.slots is not None
         loop = asyncio.get_running_loop()
@@ -396,6 +503,7 @@ class Fetcher:
                     stats,
                     abort,
                     notify,
+                    "origin_bytes",
                 )
                 try:
                     error: OriginUnavailable | _ChunkHashMismatch
@@ -486,6 +594,104 @@ class Fetcher:
             )
             await self.clock.sleep(delay)
 
+    async def _from_peers(
+        self,
+        entry: FileEntry,
+        index: int,
+        stats: FetchStats,
+        kept: int,
+        flight: Flight | None,
+    ) -> tuple[bool, int]:
+        """Ask the chunk's owners in rendezvous order, up to this node's own place.
+
+        Returns (True, 0) once one gave the chunk whole and verified, else
+        (False, bytes of the chunk now in the part file) for the origin to resume:
+        a peer that is down, slow, busy or refuses costs one attempt, one that
+        sends a wrong byte is avoided, and nothing a peer sent is kept unverified.
+        """
+        assert self.peers is not None
+        route = self.peers
+        digest = entry.blake3
+        length = entry.chunk_range(index)[1]
+        loop = asyncio.get_running_loop()
+        for url in route.candidates(digest, index):
+            if flight is not None:
+                flight.source = url
+            again = True  # one more try from the chunk's start, after a bad resumed prefix
+            while again:
+                again = False
+                start = kept
+                async with route.slots.slot(self.priority):
+                    if self.limiter is not None:
+                        await self.limiter.acquire(length - kept)
+                    abort = self.transfers.start()
+                    job = loop.run_in_executor(
+                        self.executor,
+                        self._transfer,
+                        route.origin(url),
+                        digest,
+                        entry,
+                        index,
+                        kept,
+                        stats,
+                        abort,
+                        None,
+                        "peer_bytes",
+                    )
+                    try:
+                        await asyncio.shield(job)
+                        route.members.report_ok(url, length - start)
+                        stats.add(peer_chunks=1)
+                        return True, 0
+                    except _Interrupted as exc:
+                        kept = exc.written
+                        busy = isinstance(exc.error, PeerBusy)
+                        reason = "busy" if busy else "unavailable"
+                        route.members.report_failure(url, reason, exc.error.message, skip=not busy)
+                    except _ChunkHashMismatch as exc:
+                        kept = 0
+                        await self._hop(self.store.record_progress, digest, index, 0)
+                        if exc.resumed and start:
+                            again = True  # the prefix from before may be what is wrong
+                            continue
+                        route.members.report_corrupt(
+                            url, f"chunk {index} of blob {digest[:16]} hashed to {exc.actual}"
+                        )
+                        log.error(
+                            "fetch.peer_corrupt peer=%s blob=%s chunk=%d actual=%s",
+                            url,
+                            digest[:16],
+                            index,
+                            exc.actual,
+                        )
+                    except PeerIsSelf:
+                        route.members.learn_self(url)
+                        return False, kept  # this node is the owner at this rank
+                    except _PEER_REFUSALS as exc:
+                        route.members.report_failure(
+                            url, exc.code, exc.message, skip=not isinstance(exc, ObjectNotFound)
+                        )
+                    except (CacheFull, CacheIOError, ShuttingDown):
+                        raise  # this node's trouble: no other peer would fare better
+                    except WeightcacheError as exc:
+                        # Anything else a peer does costs it this chunk, never the load.
+                        route.members.report_failure(url, exc.code, exc.message, skip=True)
+                    except _Aborted:
+                        raise ShuttingDown(
+                            f"the fetch of {entry.path} was aborted: the node is stopping",
+                            path=entry.path,
+                            chunk=index,
+                        ) from None
+                    except asyncio.CancelledError:
+                        abort.abort()
+                        await asyncio.wait([job])
+                        raise
+                    finally:
+                        self.transfers.finish(abort)
+            stats.add(peer_failures=1)
+            log.info("fetch.peer_failed peer=%s blob=%s chunk=%d", url, digest[:16], index)
+        return False, kept
+
     def _transfer(
         self,
         origin: Origin,
@@ -496,9 +702,11 @@ class Fetcher:
         stats: FetchStats,
         abort: Abort,
         notify: ProgressFn | None,
+        counter: str,
     ) -> None:
         """Worker thread: hash the chunk's first ``start`` bytes from the part file,
-        stream the rest from the origin behind them, write in place, checkpoint."""
+        stream the rest from the origin (or a peer) behind them, write in place,
+        checkpoint. ``counter`` is the :class:`FetchStats` field the bytes count in."""
         offset, length = entry.chunk_range(index)
         part = self.store.partial_paths(entry.blake3).part
         hasher = Hasher()
@@ -512,7 +720,8 @@ class Fetcher:
                 with disk_errors(part, "re-reading part file"):
                     _hash_prefix(fd, offset, start, hasher)
             if written < length:
-                stats.add(requests=1)
+                if counter == "origin_bytes":
+                    stats.add(requests=1)
                 try:
                     with (
                         abort_scope(abort),
@@ -526,7 +735,7 @@ class Fetcher:
                             with disk_errors(part, "writing part file", needed_bytes=length):
                                 os.pwrite(fd, take, offset + written)
                             written += len(take)
-                            stats.add(origin_bytes=len(piece))
+                            stats.add(**{counter: len(piece)})
                             unreported += len(piece)
                             if notify is not None and unreported >= _NOTIFY_BYTES:
                                 notify(unreported)

@@ -37,7 +37,7 @@ from weightcache.errors import (
     OriginUnavailable,
     RevisionAmbiguous,
 )
-from weightcache.fetch import Fetcher, FetchStats, Transfers
+from weightcache.fetch import ChunkFlights, Fetcher, FetchStats, Transfers
 from weightcache.hashing import is_digest
 from weightcache.index import Index
 from weightcache.limits import NodeSlots, NodeTokenBucket
@@ -99,6 +99,26 @@ class _NodeWideSlots(PrioritySlots):
             yield
 
 
+@dataclass
+class BlobWriter:
+    """This process's hold on one blob's part file: the blob's ``flock`` (taken once
+    for everyone in the process) and its chunks in flight. The blob's own pull and
+    peers asking for its chunks share it; the flock goes when the last one is done."""
+
+    lock: BlobLock
+    flights: ChunkFlights = field(default_factory=ChunkFlights)
+    users: int = 0
+
+
+@dataclass
+class PeerSetup:
+    """The daemon's peers, for its pulls (see :mod:`weightcache.peers`)."""
+
+    members: Any  # weightcache.peers.members.Members
+    client: Any  # weightcache.peers.transport.PeerClient
+    slots: PrioritySlots
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     done_bytes: int
@@ -145,6 +165,12 @@ class Node:
         self._manifest_slots = PrioritySlots(MANIFEST_READS)
         #: every origin transfer in flight, so that a stop can unblock their threads
         self.in_flight = Transfers()
+        #: blobs whose part file this process writes, by digest
+        self.writers: dict[str, BlobWriter] = {}
+        #: the daemon's peers; None: every chunk from the origin (embedded mode, the CLI)
+        self.peers: PeerSetup | None = None
+        #: origin bytes pulled for peers that asked for chunks this node did not have
+        self.peer_pull_stats = FetchStats()
 
     async def origin(self, ref: Ref) -> tuple[Origin, str]:
         """The origin a ref lives in (one per bucket or directory, connections reused)
@@ -207,8 +233,15 @@ class Node:
                 )
         return self._slots
 
-    def _fetcher(self, priority: Priority | Urgency) -> Fetcher:
+    def _fetcher(self, priority: Priority | Urgency, route_ref: str | None = None) -> Fetcher:
+        """A fetcher for one pull; ``route_ref`` (``location@revision``) lets it take
+        chunks from peers when the node has them."""
         slots = self.slots
+        route = None
+        if self.peers is not None and route_ref is not None:
+            from weightcache.peers.route import PeerRoute
+
+            route = PeerRoute(self.peers.members, self.peers.client, route_ref, self.peers.slots)
         return Fetcher(
             store=self.store,
             policy=self.cfg.fetch,
@@ -219,7 +252,13 @@ class Node:
             slots=slots,
             transfers=self.in_flight,
             priority=priority,
+            peers=route,
         )
+
+    def fetcher_for_peers(self, priority: Priority | Urgency) -> Fetcher:
+        """A fetcher for chunks a peer asked for: origin only, never other peers (a
+        chunk pulled for the cluster must not go round it)."""
+        return self._fetcher(priority)
 
     # -- resolve -------------------------------------------------------------
 
@@ -430,7 +469,7 @@ class Node:
             if on_progress:
                 on_progress(Progress(min(done, total), total))
 
-        fetcher = self._fetcher(priority)
+        fetcher = self._fetcher(priority, f"{res.ref.location}@{rev}")
         log.info(
             "ensure.pull ref=%s revision=%s files=%d bytes=%d",
             res.ref.location,
@@ -449,15 +488,17 @@ class Node:
             await self.hop(self.store.link_snapshot, rev, manifest)
             await self.hop(self._touch, rev, res.ref.location, manifest)
         result.origin_bytes = stats.origin_bytes
+        result.peer_bytes = stats.peer_bytes
         result.resumed_bytes = stats.resumed_bytes
         result.retries = stats.retries
         result.seconds = self.clock.monotonic() - started
         log.info(
-            "ensure.done ref=%s revision=%s origin_bytes=%d reused_bytes=%d coalesced_bytes=%d "
-            "resumed_bytes=%d retries=%d seconds=%.3f",
+            "ensure.done ref=%s revision=%s origin_bytes=%d peer_bytes=%d reused_bytes=%d "
+            "coalesced_bytes=%d resumed_bytes=%d retries=%d seconds=%.3f",
             res.ref.location,
             rev[:16],
             result.origin_bytes,
+            result.peer_bytes,
             result.reused_bytes,
             result.coalesced_bytes,
             result.resumed_bytes,
@@ -500,21 +541,51 @@ class Node:
     ) -> bool:
         """... and one per node: the blob's flock. Returns True if another process pulled it."""
         digest, size = entry.blake3, entry.size
-        lock = self.store.blob_lock(digest)
-        while not await self.hop(lock.try_acquire):
-            # Another process on this node is pulling this blob: wait for it, and
-            # take over (resuming its verified chunks) if it dies.
-            await self.clock.sleep(LOCK_POLL_S * (0.5 + self.rng.random()))
-            if await self.hop(self.store.has_blob, digest, size):
-                return True
+        writer = await self.hold_writer(digest, size, wait=True)
+        if writer is None:
+            return True  # another process committed it while this one waited
         try:
             if await self.hop(self.store.has_blob, digest, size):
                 return True
-            await fetcher.fetch(origin, join_key(prefix, entry.path), entry, stats, advance)
+            await fetcher.fetch(
+                origin, join_key(prefix, entry.path), entry, stats, advance, writer.flights
+            )
             await self.hop(self.index.add_blob, digest, size)
             return False
         finally:
-            await self.hop(self._release, lock, digest, size)
+            await self.let_go_writer(digest, size)
+
+    async def hold_writer(self, digest: str, size: int, *, wait: bool) -> BlobWriter | None:
+        """Join this process's writer of a blob, or become it by taking the blob's
+        flock. Another process holds it: with ``wait``, wait for it (and take over,
+        resuming, if it dies), returning None if it commits the blob meanwhile;
+        without, return None at once."""
+        lock = self.store.blob_lock(digest)
+        while True:
+            writer = self.writers.get(digest)
+            if writer is not None:
+                writer.users += 1
+                return writer
+            if await self.hop(lock.try_acquire):
+                # Nobody in this process can have registered meanwhile: it would
+                # have needed the flock this process now holds.
+                writer = BlobWriter(lock, users=1)
+                self.writers[digest] = writer
+                return writer
+            if not wait:
+                return None
+            # Another process on this node is pulling this blob: wait for it, and
+            # take over (resuming its verified chunks) if it dies.
+            await self.clock.sleep(LOCK_POLL_S * (0.5 + self.rng.random()))
+            if digest not in self.writers and await self.hop(self.store.has_blob, digest, size):
+                return None
+
+    async def let_go_writer(self, digest: str, size: int) -> None:
+        writer = self.writers[digest]
+        writer.users -= 1
+        if writer.users == 0:
+            del self.writers[digest]
+            await self.hop(self._release, writer.lock, digest, size)
 
     def _release(self, lock: BlobLock, digest: str, size: int) -> None:
         # The lock file goes once the blob is committed: nobody needs it again.

@@ -55,6 +55,7 @@ class Ensured:
     cache_hit: bool
     total_bytes: int = 0
     origin_bytes: int = 0
+    peer_bytes: int = 0  # chunks from peer daemons (verified)
     reused_bytes: int = 0  # blobs already in the cache (another model, an earlier pull)
     coalesced_bytes: int = 0  # blobs another process pulled while this one waited
     resumed_bytes: int = 0  # verified bytes of an interrupted pull, kept
@@ -62,7 +63,7 @@ class Ensured:
     resolve_seconds: float = 0.0
     seconds: float = 0.0
     mode: str = "embedded"
-    #: "cache" or "origin" (from the daemon); empty in embedded mode
+    #: "cache", "origin", "peer" or "origin+peer" (from the daemon); empty in embedded mode
     source: str = ""
     #: ``{id, revision, pid, expires}`` while the daemon protects the blobs from eviction
     lease: dict[str, Any] | None = None
@@ -116,6 +117,7 @@ class Ensured:
                 cache_hit=bool(doc["cache_hit"]),
                 total_bytes=int(doc.get("total_bytes", sum(f.size for f in files))),
                 origin_bytes=int(doc.get("origin_bytes", 0)),
+                peer_bytes=int(doc.get("peer_bytes", 0)),
                 reused_bytes=int(doc.get("reused_bytes", 0)),
                 coalesced_bytes=int(doc.get("coalesced_bytes", 0)),
                 resumed_bytes=int(doc.get("resumed_bytes", 0)),

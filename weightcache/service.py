@@ -53,6 +53,7 @@ from weightcache.jobs import Job
 from weightcache.leases import Connection, Lease, LeaseTable
 from weightcache.locks import RevisionUses
 from weightcache.node import Node, Progress, Resolved, disk_errors
+from weightcache.peers.serve import ChunkBytes, serve_range
 from weightcache.prefetch import Prefetching
 from weightcache.refs import Ref
 from weightcache.results import Ensured
@@ -96,7 +97,14 @@ class EnsureResult:
 
     @property
     def source(self) -> str:
-        return "cache" if self.ensured.cache_hit else "origin"
+        """``cache``, or where the pulled bytes came from: ``origin``, ``peer`` or
+        ``origin+peer``."""
+        e = self.ensured
+        if e.cache_hit:
+            return "cache"
+        if e.peer_bytes and e.origin_bytes:
+            return "origin+peer"
+        return "peer" if e.peer_bytes else "origin"
 
     def to_json(self) -> dict[str, Any]:
         doc = self.ensured.to_json()
@@ -210,6 +218,13 @@ class Service:
             *self.prefetching.tasks(),
             asyncio.create_task(self._resume_pulls(), name="weightcache-resume"),
         ]
+        if self.cfg.peers.enabled:
+            from weightcache.peers import setup
+
+            node.peers = await self.hop(setup.make_setup, self.cfg, self.clock)
+            if self.cfg.peers.dns:
+                refresh = setup.refresh_forever(node.peers, self.cfg, self.clock)
+                self._tasks.append(asyncio.create_task(refresh, name="weightcache-peers"))
         log.info(
             "service.started node=%s cache=%s jobs=%d leases=%d",
             self.node_name,
@@ -241,6 +256,8 @@ class Service:
             log.warning("service.pulls_not_stopped after_s=%.1f", CANCEL_GRACE_S)
         await self.prefetching.close()
         await asyncio.gather(*self._chores, return_exceptions=True)
+        if self.node.peers is not None:
+            self.node.peers.client.close()
         self.uses.close()
         await self.node.aclose()
         log.info("service.stopped node=%s", self.node_name)
@@ -436,6 +453,7 @@ class Service:
             finally:
                 self._pulls.pop(rev, None)
                 self.counters["origin_bytes"] += pull.stats.origin_bytes
+                self.counters["peer_bytes"] += pull.stats.peer_bytes
 
         try:
             ensured, joined = await self._flight.run(rev, run)
@@ -457,7 +475,11 @@ class Service:
             # The shared result describes the first caller's pull; this caller
             # moved no bytes itself.
             ensured = replace(
-                ensured, origin_bytes=0, reused_bytes=0, coalesced_bytes=ensured.total_bytes
+                ensured,
+                origin_bytes=0,
+                peer_bytes=0,
+                reused_bytes=0,
+                coalesced_bytes=ensured.total_bytes,
             )
         return ensured, joined
 
@@ -713,11 +735,15 @@ class Service:
                 "evictions",
                 "evicted_bytes",
                 "overloaded",
+                "peer_bytes",
                 "peer_bytes_served",
             )
         }
-        # Bytes of pulls still running count as they arrive, not when the pull ends.
+        # Bytes of pulls still running count as they arrive, not when the pull ends;
+        # chunks pulled from the origin because a peer asked for them count too.
         counters["origin_bytes"] += sum(p.stats.origin_bytes for p in self._pulls.values())
+        counters["origin_bytes"] += self.node.peer_pull_stats.origin_bytes
+        counters["peer_bytes"] += sum(p.stats.peer_bytes for p in self._pulls.values())
         return {
             "node": self.node_name,
             "version": __version__,
@@ -740,7 +766,17 @@ class Service:
                 "in_use": self.node.slots.in_use,
                 "waiting": self.node.slots.waiting,
             },
+            "peers": self._peers_status(),
         }
+
+    def _peers_status(self) -> dict[str, Any] | None:
+        setup = self.node.peers
+        if setup is None:
+            return None
+        doc: dict[str, Any] = setup.members.status()
+        doc["slots"] = {"capacity": setup.slots.capacity, "in_use": setup.slots.in_use}
+        doc["pulled_for_peers_bytes"] = self.node.peer_pull_stats.origin_bytes
+        return doc
 
     def blob_path(self, digest: str) -> tuple[Path, int]:
         """A verified blob to serve (blocking: call it in a worker thread)."""
@@ -755,9 +791,23 @@ class Service:
             raise NotFound(f"no blob {digest} on this node", digest=digest) from None
         return path, size
 
-    def note_peer_bytes(self, n: int) -> None:
+    def note_peer_bytes(self, n: int, peer: str = "") -> None:
+        """``n`` bytes of verified blobs sent to a peer (that named itself ``peer``)."""
         self.counters["peer_bytes_served"] += n
         self.counters["served_bytes"] += n
+        if self.node.peers is not None:
+            self.node.peers.members.note_sent(peer, n)
+
+    async def serve_chunk(self, digest: str, first: int, last: int | None, ref: str) -> ChunkBytes:
+        """Verified bytes of a blob not committed here, for a peer (see
+        :mod:`weightcache.peers.serve`)."""
+        wait_s = self.cfg.peers.wait_s
+        return await serve_range(self.node, digest, first, last, ref, wait_s)
+
+    @property
+    def node_id(self) -> str | None:
+        """This daemon's id among its peers (None without peers)."""
+        return self.node.peers.members.node_id if self._node and self.node.peers else None
 
     def health(self) -> dict[str, Any]:
         ready = (

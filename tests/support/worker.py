@@ -110,7 +110,7 @@ def collect(procs: list[subprocess.Popen[str]], timeout_s: float = 240) -> list[
     results = []
     for p in procs:
         out, err = p.communicate(timeout=timeout_s)
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 0, (out[-2000:], err[-3000:])
         results.append(json.loads(out.strip().splitlines()[-1]))
     return results
 

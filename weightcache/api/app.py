@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import hmac
 import json
 import logging
@@ -42,6 +43,7 @@ from weightcache.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    PeerIsSelf,
     RequestInvalid,
     RequestTimeout,
     ShuttingDown,
@@ -49,6 +51,7 @@ from weightcache.errors import (
     WeightcacheError,
 )
 from weightcache.hashing import is_digest
+from weightcache.peers.transport import NODE_HEADER, PEER_HEADER
 from weightcache.service import EnsureResult, ProgressEvent, Service
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ JSON_METHODS = frozenset({"POST", "DELETE"})
 #: routes a TCP listener serves without a token: probes and scrapers carry none
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/v1/openapi.json"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_RANGE = re.compile(r"bytes=(\d{1,19})-(\d{0,19})")
 
 
 def make_app(service: Service, cfg: Config, *, tcp: bool) -> web.Application:
@@ -194,6 +198,10 @@ async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
     # A signal rather than the middleware, so that streamed and file responses,
     # whose headers leave before the handler returns, carry the id as well.
     response.headers["X-Request-Id"] = request_id(request)
+    # Peers learn which URL of their list is themselves from this (weightcache.peers).
+    node_id = request.app[SERVICE].node_id
+    if node_id is not None:
+        response.headers[NODE_HEADER] = node_id
 
 
 def request_id(request: web.Request) -> str:
@@ -600,8 +608,45 @@ async def blob(request: web.Request) -> web.StreamResponse:
             digest=digest[:80],
         )
     service = _service(request)
-    path, _size = await asyncio.to_thread(service.blob_path, digest)
-    return _BlobResponse(path, service.note_peer_bytes)
+    node_id = service.node_id
+    if node_id is not None and request.headers.get(NODE_HEADER) == node_id:
+        raise PeerIsSelf("this request came from this daemon: its URL is itself")
+    peer = request.headers.get(PEER_HEADER, "")[:200]
+    try:
+        path, _size = await asyncio.to_thread(service.blob_path, digest)
+    except NotFound:
+        # Not committed here: a peer may still get a chunk of it (verified, and
+        # pulled from the origin for the cluster if need be) by naming the revision.
+        ref = request.query.get("ref", "")
+        if not ref or request.method != "GET":
+            raise
+        first, last = _chunk_range(request)
+        chunk = await service.serve_chunk(digest, first, last, ref)
+        end = chunk.offset + len(chunk.data) - 1
+        resp = web.Response(
+            status=206,
+            body=chunk.data,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"bytes {chunk.offset}-{end}/{chunk.total}",
+            },
+        )
+        service.note_peer_bytes(len(chunk.data), peer)
+        return resp
+    return _BlobResponse(path, functools.partial(service.note_peer_bytes, peer=peer))
+
+
+def _chunk_range(request: web.Request) -> tuple[int, int | None]:
+    """A peer's ``Range: bytes=FIRST-[LAST]`` (one range; no suffix form)."""
+    text = request.headers.get(hdrs.RANGE, "")
+    m = _RANGE.fullmatch(text.strip())
+    if m is None:
+        raise RequestInvalid(
+            "a blob not committed on this node is served by chunk: send "
+            "Range: bytes=FIRST-LAST inside one chunk",
+            range=text[:80],
+        )
+    return int(m[1]), int(m[2]) if m[2] else None
 
 
 class _BlobResponse(web.FileResponse):

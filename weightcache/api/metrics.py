@@ -28,6 +28,7 @@ COUNTERS: dict[str, str] = {
     "coalesced": "Ensure requests that joined a pull already in flight.",
     "origin_bytes": "Bytes read from origins.",
     "served_bytes": "Bytes handed to workers (ensured revisions) and to peers (blobs).",
+    "peer_bytes": "Bytes received from peer daemons (each chunk verified before it is kept).",
     "peer_bytes_served": "Bytes of verified blobs sent to peer daemons.",
     "evictions": "Revisions evicted from the node cache.",
     "evicted_bytes": "Blob bytes evicted from the node cache.",
@@ -122,6 +123,58 @@ class _StatusCollector(Collector):
             jobs.add_metric([state], n)
         yield jobs
         yield from _prefetch(status)
+        yield from _peers(_mapping(status.get("peers")))
+
+
+#: a peer's state → the value of ``weightcache_peer_up``
+_PEER_STATES = {"up": 1.0, "down": 0.0, "avoided": -1.0}
+
+
+def _peers(peers: Mapping[str, Any]) -> Iterator[Metric]:
+    """Per peer: state, bytes each way, failures by reason (no samples without peers)."""
+    up = GaugeMetricFamily(
+        "weightcache_peer_up",
+        "A peer's state as this node sees it: 1 up, 0 down (unreachable or slow), "
+        "-1 avoided (sent bytes that failed their hash).",
+        labels=["peer"],
+    )
+    received = CounterMetricFamily(
+        "weightcache_peer_received_bytes", "Bytes received from each peer.", labels=["peer"]
+    )
+    sent = CounterMetricFamily(
+        "weightcache_peer_sent_bytes",
+        'Bytes sent to each peer ("unknown": a peer that did not name itself).',
+        labels=["peer"],
+    )
+    failures = CounterMetricFamily(
+        "weightcache_peer_failures",
+        "Chunks a peer did not give, by reason (unavailable, busy, corrupt, not_found, ...).",
+        labels=["peer", "reason"],
+    )
+    for row in peers.get("members") or []:
+        if not isinstance(row, Mapping) or row.get("self"):
+            continue
+        url = str(row.get("url", ""))
+        if url != "unknown":
+            up.add_metric([url], _PEER_STATES.get(str(row.get("state")), 0.0))
+            received.add_metric([url], _number(row.get("bytes_in")))
+        sent.add_metric([url], _number(row.get("bytes_out")))
+        for reason, n in sorted(_mapping(row.get("failures")).items()):
+            failures.add_metric([url, str(reason)], _number(n))
+    yield up
+    yield received
+    yield sent
+    yield failures
+    yield GaugeMetricFamily(
+        "weightcache_peers",
+        "Peers this node knows, itself not counted.",
+        value=float(sum(1 for r in peers.get("members") or [] if not r.get("self"))),
+    )
+    yield CounterMetricFamily(
+        "weightcache_pulled_for_peers_bytes",
+        "Origin bytes this node pulled because a peer asked for a chunk it did not have.",
+        value=_number(peers.get("pulled_for_peers_bytes")),
+    )
 
 
 def _prefetch(status: Mapping[str, Any]) -> Iterator[Metric]:

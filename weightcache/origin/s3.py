@@ -125,11 +125,11 @@ class _AbortableHTTPSConnection(urllib3.connection.HTTPSConnection):
         return super().getresponse()
 
 
-class _AbortableHTTPPool(urllib3.HTTPConnectionPool):
+class AbortableHTTPPool(urllib3.HTTPConnectionPool):
     ConnectionCls = _AbortableHTTPConnection
 
 
-class _AbortableHTTPSPool(urllib3.HTTPSConnectionPool):
+class AbortableHTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _AbortableHTTPSConnection
 
 
@@ -402,7 +402,7 @@ class S3Origin:
             cert_reqs="CERT_REQUIRED",
             ca_certs=_ca_file(cfg),
         )
-        http.pool_classes_by_scheme = {"http": _AbortableHTTPPool, "https": _AbortableHTTPSPool}
+        http.pool_classes_by_scheme = {"http": AbortableHTTPPool, "https": AbortableHTTPSPool}
         # A public bucket is read unsigned (s3.anonymous), as `aws s3 --no-sign-request`.
         chain = (
             None
