@@ -1,0 +1,188 @@
+"""Peers without a network: rendezvous ownership, the peer set, self-recognition, DNS."""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+
+import pytest
+
+from tests.support.clocks import ManualClock
+from tests.support.daemon import free_port
+from weightcache.config import PeersConfig, load_config
+from weightcache.errors import ConfigInvalid
+from weightcache.peers.members import Members, normalize
+from weightcache.peers.rendezvous import chunk_key, owner, rank
+from weightcache.peers.setup import check_peers
+
+DIGEST = "ab" * 32
+
+
+def _owners(peers: list[str], chunks: int = 4000) -> list[str]:
+    return [owner(chunk_key(DIGEST, i), peers) for i in range(chunks)]
+
+
+def test_rendezvous_spreads_chunks_evenly_and_every_node_agrees() -> None:
+    peers = [f"http://10.0.0.{i}:7878" for i in range(8)]
+    owners = _owners(peers)
+    counts = Counter(owners)
+    assert set(counts) == set(peers)
+    # 4000 chunks over 8 peers: 500 each on average, none far off.
+    assert all(380 <= n <= 620 for n in counts.values()), counts
+    # The order of the list does not matter: every node computes the same owners.
+    assert _owners(list(reversed(peers))) == owners
+    assert rank(chunk_key(DIGEST, 7), peers)[0] == owners[7]
+
+
+@pytest.mark.parametrize("k", [4, 10, 50])
+def test_a_peer_joining_or_leaving_moves_only_about_one_kth_of_the_chunks(k: int) -> None:
+    peers = [f"http://10.1.{i // 250}.{i % 250}:7878" for i in range(k)]
+    before = _owners(peers)
+    joined = _owners([*peers, "http://10.9.9.9:7878"])
+    moved = [i for i, (a, b) in enumerate(zip(before, joined, strict=True)) if a != b]
+    # Only chunks the newcomer now owns moved, about 1/(k+1) of them.
+    assert all(joined[i] == "http://10.9.9.9:7878" for i in moved)
+    assert abs(len(moved) / len(before) - 1 / (k + 1)) < 0.5 / (k + 1) + 0.01
+    gone = peers[0]
+    left = _owners(peers[1:])
+    moved = [i for i, (a, b) in enumerate(zip(before, left, strict=True)) if a != b]
+    # Only the leaver's chunks moved, each to the next peer in its ranking.
+    assert all(before[i] == gone for i in moved)
+    assert len(moved) == before.count(gone)
+    for i in moved:
+        assert left[i] == rank(chunk_key(DIGEST, i), peers)[1]
+
+
+def test_the_nodes_own_url_in_the_list_is_recognised_by_its_listen_port() -> None:
+    port = free_port()
+    urls = (f"http://127.0.0.1:{port}", "http://127.0.0.1:1", "http://198.51.100.10:7878")
+    for listen in (f"127.0.0.1:{port}", f"0.0.0.0:{port}"):
+        members = Members(PeersConfig(urls=urls), listen=listen, clock=ManualClock())
+        assert members.self_urls == [f"http://127.0.0.1:{port}"]
+        assert sorted(members.peers()) == ["http://127.0.0.1:1", "http://198.51.100.10:7878"]
+    # The same port on an address that is not this machine's is another node.
+    members = Members(
+        PeersConfig(urls=("http://198.51.100.10:7878",)), listen="0.0.0.0:7878", clock=ManualClock()
+    )
+    assert members.self_urls == []
+
+
+def test_candidates_stop_at_the_node_itself_and_skip_peers_down_or_avoided() -> None:
+    port = free_port()
+    me = f"http://127.0.0.1:{port}"
+    others = [f"http://198.51.100.{i}:7878" for i in range(1, 6)]
+    clock = ManualClock()
+    members = Members(
+        PeersConfig(urls=(me, *others), down_s=10, avoid_s=100),
+        listen=f"127.0.0.1:{port}",
+        clock=clock,
+    )
+    everyone = [me, *others]
+    for i in range(200):
+        ranking = rank(chunk_key(DIGEST, i), everyone)
+        assert members.candidates(DIGEST, i) == ranking[: ranking.index(me)]
+    # A chunk whose owner is another peer: once that peer fails it is skipped ...
+    i = next(i for i in range(200) if rank(chunk_key(DIGEST, i), everyone)[0] != me)
+    first = rank(chunk_key(DIGEST, i), everyone)[0]
+    members.report_failure(first, "unavailable", "refused", skip=True)
+    assert first not in members.candidates(DIGEST, i)
+    clock.now += 11  # ... until down_s has passed
+    assert members.candidates(DIGEST, i)[0] == first
+    members.report_corrupt(first, "chunk 3 hashed wrong")
+    clock.now += 99
+    assert first not in members.candidates(DIGEST, i)
+    assert (
+        members.status()["members"][[r["url"] for r in members.status()["members"]].index(first)][
+            "state"
+        ]
+        == "avoided"
+    )
+    clock.now += 2
+    assert members.candidates(DIGEST, i)[0] == first
+    # A busy answer counts, but does not skip the peer.
+    members.report_failure(first, "busy", "in flight elsewhere", skip=False)
+    assert members.candidates(DIGEST, i)[0] == first
+
+
+def test_a_url_that_answers_with_the_nodes_own_id_is_learned_as_itself() -> None:
+    members = Members(
+        PeersConfig(urls=("http://198.51.100.1:7878", "http://198.51.100.2:7878")),
+        listen="0.0.0.0:7878",
+        clock=ManualClock(),
+    )
+    assert members.self_urls == []
+    members.learn_self("http://198.51.100.2:7878")
+    assert members.self_urls == ["http://198.51.100.2:7878"]
+    assert members.peers() == ["http://198.51.100.1:7878"]
+
+
+def test_dns_refresh_follows_the_set_and_keeps_it_when_a_lookup_fails() -> None:
+    answers: list[list[str] | OSError] = [
+        ["10.0.0.2", "10.0.0.1"],
+        ["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+        socket.gaierror(-2, "Name or service not known"),
+        ["10.0.0.3", "fd00::5"],
+    ]
+    asked: list[tuple[str, int]] = []
+
+    def resolver(name: str, port: int) -> list[str]:
+        asked.append((name, port))
+        answer = answers.pop(0)
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    members = Members(
+        PeersConfig(dns="weightcache-peers.weightcache.svc", port=7878),
+        listen="0.0.0.0:7878",
+        clock=ManualClock(),
+        resolver=resolver,
+    )
+    assert members.refresh()
+    assert members.names == ["http://10.0.0.1:7878", "http://10.0.0.2:7878"]
+    assert members.refresh()
+    assert len(members.names) == 3
+    assert not members.refresh()  # the lookup failed: the last set stays
+    assert len(members.names) == 3 and "Name or service not known" in members.refresh_error
+    assert members.refresh()
+    assert members.names == ["http://10.0.0.3:7878", "http://[fd00::5]:7878"]
+    assert asked == [("weightcache-peers.weightcache.svc", 7878)] * 4
+
+
+def test_peer_urls_are_normalised_so_every_node_names_a_peer_alike() -> None:
+    assert normalize("HTTP://Node-1.Example:7878/") == "http://node-1.example:7878"
+    assert normalize("http://[FD00::1]:80") == "http://[fd00::1]:80"
+
+
+def test_peers_config_from_the_environment_and_its_problems() -> None:
+    cfg = load_config(env={"WEIGHTCACHE_PEERS_URLS": "http://10.0.0.1:7878, http://10.0.0.2:7878,"})
+    assert cfg.peers.urls == ("http://10.0.0.1:7878", "http://10.0.0.2:7878")
+    assert cfg.peers.enabled
+    with pytest.raises(ConfigInvalid) as err:
+        load_config(
+            env={
+                "WEIGHTCACHE_PEERS_URLS": "10.0.0.1:7878,http://x:1/path",
+                "WEIGHTCACHE_PEERS_WAIT_S": "0",
+                "WEIGHTCACHE_PEERS_CONCURRENCY": "0",
+            }
+        )
+    text = str(err.value)
+    assert "peers.urls: each must be http(s)://HOST:PORT, got '10.0.0.1:7878'" in text
+    assert "'http://x:1/path'" in text
+    assert "peers.wait_s: must be > 0" in text and "peers.concurrency" in text
+
+
+def test_peers_need_the_token_and_a_listener() -> None:
+    cfg = load_config(env={"WEIGHTCACHE_PEERS_DNS": "peers.local"})
+    with pytest.raises(ConfigInvalid) as err:
+        check_peers(cfg)
+    assert "WEIGHTCACHE_TOKEN" in str(err.value) and "daemon.listen" in str(err.value)
+    ok = load_config(
+        env={
+            "WEIGHTCACHE_PEERS_DNS": "peers.local",
+            "WEIGHTCACHE_TOKEN": "t" * 32,
+            "WEIGHTCACHE_DAEMON_LISTEN": "0.0.0.0:7878",
+        }
+    )
+    check_peers(ok)
+    check_peers(load_config(env={}))  # no peers: nothing to check
