@@ -54,6 +54,7 @@ from weightcache.config import (
     parse_size,
 )
 from weightcache.errors import ConfigInvalid
+from weightcache.peers.setup import check_peers
 from weightcache.service import CANCEL_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +79,8 @@ SECRET_ENV = (
     "AWS_REGION",
     "WEIGHTCACHE_TOKEN",
 )
+#: the env variables the DaemonSet sets to a literal value: none of them a secret
+LITERAL_ENV = {"WEIGHTCACHE_PEERS_DNS"}
 #: PodMetricsEndpoint fields of the Prometheus operator's monitoring.coreos.com/v1 CRD
 PODMONITOR_ENDPOINT_FIELDS = {
     "port",
@@ -174,6 +177,16 @@ def _kustomization() -> dict[str, Any]:
     return _one(K8S / "kustomization.yaml", "Kustomization")
 
 
+def _peers_service() -> dict[str, Any]:
+    return _one(K8S / "peers-service.yaml", "Service")
+
+
+def _daemon_env_config(daemon: dict[str, Any]) -> Config:
+    """weightcache.toml with the DaemonSet's literal variables and a token, as a pod loads it."""
+    env = {name: e["value"] for name, e in _env(daemon).items() if "value" in e}
+    return load_config(K8S_CONFIG, env={**env, "WEIGHTCACHE_TOKEN": "from-the-secret"})
+
+
 # -- Kubernetes ------------------------------------------------------------------
 
 
@@ -248,7 +261,7 @@ def test_kustomize_build_renders_valid_manifests() -> None:
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "DaemonSet", "Namespace", "PriorityClass"]
+    assert kinds == ["ConfigMap", "DaemonSet", "Namespace", "PriorityClass", "Service"]
     for doc in docs:
         kv.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
         if doc["kind"] not in ("Namespace", "PriorityClass"):
@@ -260,6 +273,10 @@ def test_kustomize_build_renders_valid_manifests() -> None:
     # The hash suffix: an edit of the config rolls the DaemonSet.
     assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
     assert re.fullmatch(r"weightcache-config-[a-z0-9]{10}", cm["metadata"]["name"])
+    # The peers' Service still selects the pods once kustomize has added its labels.
+    (svc,) = [d for d in docs if d["kind"] == "Service"]
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
 
 
 def test_kustomization_takes_the_podmonitor_as_documented(tmp_path: Path) -> None:
@@ -334,11 +351,62 @@ def test_daemonset_agrees_with_its_config() -> None:
     assert env["WEIGHTCACHE_DAEMON_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "spec.nodeName"
     )
-    assert not any("value" in e for e in env.values()), "no literal values: secrets stay out"
+    literal = {name for name, e in env.items() if "value" in e}
+    assert literal <= LITERAL_ENV, "no other literal values: secrets stay out"
+    secret_env = {v for key in _SECRET_FIELDS for v in _env_names(*key)}
+    assert not LITERAL_ENV & (secret_env | set(SECRET_ENV))
 
     # Rolling updates replace in place: a surge pod would find the socket locked.
     rolling = ds["spec"]["updateStrategy"]["rollingUpdate"]
     assert rolling["maxSurge"] == 0 and rolling["maxUnavailable"] >= 1
+
+
+def test_peers_find_each_other_through_the_headless_service() -> None:
+    """The DaemonSet's WEIGHTCACHE_PEERS_DNS names the headless Service over its own
+    pods, in its namespace; the Service's port is the listener peers are asked on."""
+    ds = _daemonset()
+    pod = ds["spec"]["template"]["spec"]
+    daemon = _container(pod, "weightcache")
+    svc = _peers_service()
+    spec = svc["spec"]
+    namespace = _one(K8S / "namespace.yaml", "Namespace")["metadata"]["name"]
+    assert svc["metadata"]["namespace"] == ds["metadata"]["namespace"] == namespace
+    assert _kustomization()["namespace"] == namespace
+    assert "peers-service.yaml" in _kustomization()["resources"]
+
+    # Headless (DNS answers with the pods' addresses) and ready pods only.
+    assert spec["clusterIP"] == "None"
+    assert spec["publishNotReadyAddresses"] is False
+    assert spec.get("type", "ClusterIP") == "ClusterIP"
+    # It selects the DaemonSet's pods, and only by labels those pods carry.
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"] and spec["selector"].items() <= labels.items()
+    assert spec["selector"] == ds["spec"]["selector"]["matchLabels"]
+
+    # The variable names this Service in this namespace, and the daemon takes it.
+    env = _env(daemon)
+    dns = env["WEIGHTCACHE_PEERS_DNS"]["value"]
+    assert dns == f"{svc['metadata']['name']}.{namespace}.svc.cluster.local"
+    cfg = _daemon_env_config(daemon)
+    assert cfg.peers.enabled and cfg.peers.dns == dns and cfg.peers.urls == ()
+
+    # Peers are asked at http://POD_IP:peers.port: the daemon listens there on every
+    # address, and the Service's port and target are that port.
+    host, _, port = cfg.daemon.listen.rpartition(":")
+    assert host == "0.0.0.0" and int(port) == cfg.peers.port
+    (svc_port,) = spec["ports"]
+    assert svc_port["port"] == cfg.peers.port and svc_port.get("protocol", "TCP") == "TCP"
+    assert _resolve_port(daemon, svc_port["targetPort"]) == cfg.peers.port
+    assert not pod.get("hostNetwork"), "pod IPs in the answer: the pod network"
+
+    # Peers authenticate with the token: from the Secret, never optional; with it and
+    # the listener, a daemon with peers starts.
+    ref = env["WEIGHTCACHE_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == _one(K8S / "secret.example.yaml", "Secret")["metadata"]["name"]
+    assert not ref.get("optional")
+    check_peers(cfg)
+    with pytest.raises(ConfigInvalid, match="WEIGHTCACHE_TOKEN"):
+        check_peers(dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, token="")))
 
 
 def test_daemonset_is_hardened() -> None:
@@ -513,6 +581,8 @@ def test_example_config_documents_every_option() -> None:
             continue  # a computed default (cache.dir) or none; the text says which
         literal = defaults[0].removeprefix("default:").strip()
         documented = tomllib.loads(f"v = {literal}")["v"]
+        if isinstance(f.default, tuple):
+            documented = tuple(documented)  # a TOML array; the config keeps a tuple
         if isinstance(documented, str) and f.name.endswith(("_bytes", "_bytes_per_s")):
             documented = parse_size(documented)
         assert documented == f.default, f"{where}: documented default {literal}, is {f.default!r}"

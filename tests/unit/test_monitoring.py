@@ -5,9 +5,10 @@ The rules pass ``promtool check rules`` and their unit tests on synthetic series
 should not); the PrometheusRule carries exactly the rule file's groups; the
 dashboard's queries parse as PromQL (through promtool) and filter on its
 ``$instance`` variable. Every metric name the rules and the dashboard use is one
-a live daemon exports: an in-process app over a ``file://`` origin, scraped
-after an ensure, a hit, a failed ensure and two prefetches, so that the
-labelled families have series. promtool comes from ``make install`` (Debian's
+a live daemon exports: an in-process app over a ``file://`` origin, with one
+peer that refuses connections, scraped after an ensure, a hit, a failed ensure
+and two prefetches, so that the labelled families (the per-peer ones included)
+have series. promtool comes from ``make install`` (Debian's
 ``prometheus`` package, unpacked into ``.venv/bin``); without it these tests
 fail, they do not skip.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -215,10 +217,24 @@ _SUFFIXES = {
 
 
 @pytest.fixture
-async def exported(tmp_path: Path) -> Exported:
-    """A real daemon app's /metrics after a miss, a hit, a failed ensure, a job, a schedule."""
+def dead_peer() -> Iterator[str]:
+    """The URL of a peer that refuses every connection: a port bound but never listened on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+async def exported(tmp_path: Path, dead_peer: str) -> Exported:
+    """A real daemon app's /metrics after a miss, a hit, a failed ensure, a job, a schedule.
+
+    With one peer, which refuses: the chunks it owns come from the origin after one
+    failed try, and the per-peer families have series.
+    """
     model = publish_model(tmp_path, "m", 300_000, seed=1)
-    cfg = cache_config(tmp_path)
+    cfg = cache_config(
+        tmp_path, WEIGHTCACHE_PEERS_URLS=dead_peer, WEIGHTCACHE_DAEMON_LISTEN="127.0.0.1:0"
+    )
     service = Service(cfg)
     await service.start()
     try:
@@ -251,6 +267,8 @@ async def exported(tmp_path: Path) -> Exported:
         ("weightcache_jobs", "state"),
         ("weightcache_prefetch_jobs_total", "outcome"),
         ("weightcache_schedule_window_misses_total", "schedule"),
+        ("weightcache_peer_up", "peer"),
+        ("weightcache_peer_failures_total", "reason"),
     ):
         assert label in labels.get(name, set()), f"no {name}{{{label}}} series in:\n{text}"
     return Exported(frozenset(names), {k: frozenset(v) for k, v in labels.items()})
