@@ -12,7 +12,13 @@ Against one real SeaweedFS on 127.0.0.1, side by side in one run:
   ``WEIGHTCACHE_SOCKET`` pointing at their node's daemon;
 * ``prefetch``: fresh daemons and empty caches again; an admin prefetch is
   scheduled on every node with ``at`` a few seconds ahead, a spread window and
-  a deadline at the "peak"; at the peak the workers load (cache hits).
+  a deadline at the "peak"; at the peak the workers load (cache hits);
+* ``peers`` (with ``--peers``): fresh daemons and empty caches, one per node as
+  in ``weightcache``, but peers of each other (one token, a loopback TCP
+  listener each, every node's URL in ``WEIGHTCACHE_PEERS_URLS``): each chunk is
+  pulled from the origin by its owner and passed on, so the cluster pulls the
+  model about once. Each daemon's ``/v1/status`` says what it got from the
+  origin, from peers, and sent to peers (:mod:`loadtest.cluster`).
 
 Workers are started ahead of time (torch and the loader imported), wait at a
 barrier, and are released together. A worker is *ready* when it holds every
@@ -25,11 +31,14 @@ counter, as a delta), peak concurrent origin requests (its
 ``SeaweedFS_s3_in_flight_requests`` gauge sampled at 20 Hz), the time from the
 barrier until every worker is ready, per-worker load time p50/p99, and the
 machine's peak memory in use. The origin-bytes ratio naive / weightcache must
-be M (one pull per node); the script checks that and exits 1 if any check
-fails. It prints a markdown table and writes it into ``docs/benchmarks.md``
-(between the storm markers) with a plot at ``docs/img/storm.png``.
+be M (one pull per node), and with peers the origin must send the cluster the
+model about once (at most 1.10 x); the script checks that and exits 1 if any
+check fails. It prints a markdown table and writes it into
+``docs/benchmarks.md`` (between the storm markers) with a plot at
+``docs/img/storm.png``; ``--json PATH`` writes every number and check.
 
-    .venv/bin/python loadtest/storm.py                         # 4 nodes x 8 workers, 256 MiB
+    .venv/bin/python loadtest/storm.py --peers                 # 4 nodes x 8 workers, 256 MiB
+    .venv/bin/python loadtest/storm.py                         # the same without peers
     .venv/bin/python loadtest/storm.py --nodes 2 --workers 2 --size-mb 8 --no-write
     .venv/bin/python -m loadtest.storm --help                  # the same, as a module
 
@@ -61,6 +70,7 @@ if not __package__:
     # from this checkout, as python -m loadtest.storm does.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from loadtest.cluster import NodeTraffic, PeerCluster, cluster_check, traffic_table
 from loadtest.scenario import (
     ROOT,
     Daemon,
@@ -84,13 +94,16 @@ if TYPE_CHECKING:
 BUCKET = "storm"
 PREFIX = "models/synthetic"
 REF = f"s3://{BUCKET}/{PREFIX}"
-SCENARIOS = ("naive", "weightcache", "prefetch")
+SCENARIOS = ("naive", "weightcache", "peers", "prefetch")
+#: without --peers (the peers scenario needs TCP ports and takes another K x M workers)
+DEFAULT_SCENARIOS = ("naive", "weightcache", "prefetch")
 LABELS = {
     "naive": "naive (minio + load_file)",
     "weightcache": "weightcache",
+    "peers": "weightcache + peers",
     "prefetch": "weightcache + prefetch",
 }
-COLORS = {"naive": "#d62728", "weightcache": "#1f77b4", "prefetch": "#2ca02c"}
+COLORS = {"naive": "#d62728", "weightcache": "#1f77b4", "peers": "#9467bd", "prefetch": "#2ca02c"}
 #: files one naive worker downloads at once (huggingface_hub.snapshot_download's default)
 NAIVE_PARALLEL_FILES = 8
 SAMPLE_INTERVAL_S = 0.05
@@ -407,6 +420,8 @@ class _Result:
     samples: list[_Sample]
     prefetch: _Prefetch | None = None
     counters: list[dict[str, Any]] = field(default_factory=list)
+    #: per node, for ``peers``: bytes from the origin, from peers and to peers
+    traffic: list[NodeTraffic] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -551,11 +566,14 @@ def _estimate_pull_s(run: _Run) -> float:
     if cold is not None:
         return cold.makespan
     # No measurement: assume 100 MB/s of origin bandwidth shared by the nodes.
-    return 2.0 + run.args.nodes * run.model_bytes / 100e6
+    return 2.0 + int(run.args.nodes) * run.model_bytes / 100e6
 
 
-def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
-    name = "prefetch" if prefetch else "weightcache"
+def _scenario_weightcache(run: _Run, name: str) -> _Result:
+    """``weightcache``, ``prefetch`` or ``peers``: one fresh daemon per node, then the workers."""
+    prefetch = name == "prefetch"
+    # Only the peers scenario's daemons know of each other.
+    cluster = PeerCluster.allocate(run.args.nodes) if name == "peers" else None
     args = run.args
     base = run.root / name
     spread_s = float(args.spread_s)
@@ -570,6 +588,7 @@ def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
                     # A node name per simulated node: it seeds each node's prefetch spread.
                     "WEIGHTCACHE_DAEMON_NODE_NAME": f"storm-node-{node}",
                     "WEIGHTCACHE_DAEMON_PREFETCH_SPREAD_S": str(spread_s),
+                    **(cluster.env(node) if cluster is not None else {}),
                 }
             ),
             base / f"node{node}" / "daemon.log",
@@ -583,10 +602,12 @@ def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
     workers: list[_Worker] = []
     began = time.time()
     pf: _Prefetch | None = None
+    traffic: list[NodeTraffic] = []
     try:
         with _step(
-            f"start {args.nodes} daemons (empty caches) and {run.workers_total} workers "
-            "(import torch, weightcache)"
+            f"start {args.nodes} daemons (empty caches"
+            + (", peers of each other" if cluster is not None else "")
+            + f") and {run.workers_total} workers (import torch, weightcache)"
         ):
             for d in daemons:
                 d.launch()
@@ -620,7 +641,10 @@ def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
                 f"    origin: {_size(pf.origin_bytes)} for the prefetch, "
                 f"{_size(before + origin - before_peak)} at the peak"
             )
-        counters = [d.client().status().get("counters", {}) for d in daemons]
+        statuses = [d.client().status() for d in daemons]
+        counters = [s.get("counters", {}) for s in statuses]
+        if cluster is not None:
+            traffic = [NodeTraffic.from_status(n, s) for n, s in enumerate(statuses, start=1)]
         ended = time.time()
     except BaseException:
         for d in daemons:
@@ -639,6 +663,7 @@ def _scenario_weightcache(run: _Run, *, prefetch: bool) -> _Result:
         run.sampler.window(began, ended),
         prefetch=pf,
         counters=counters,
+        traffic=traffic,
     )
 
 
@@ -718,8 +743,21 @@ def _checks(run: _Run) -> list[tuple[bool, str]]:
                     f"(modes: {', '.join(modes)})",
                 )
             )
-            one_pull = k * run.model_bytes
             ensures = k * m + (k if r.scenario == "prefetch" else 0)
+            if r.scenario == "peers":
+                per_node = res.get("weightcache")
+                out.append(
+                    cluster_check(
+                        origin_bytes=r.origin_bytes,
+                        model_bytes=run.model_bytes,
+                        manifest_bytes=run.manifest_bytes,
+                        ensures=ensures,
+                        nodes=k,
+                        per_node_origin_bytes=None if per_node is None else per_node.origin_bytes,
+                    )
+                )
+                continue
+            one_pull = k * run.model_bytes
             overhead = r.origin_bytes - one_pull
             allowed = RATIO_TOLERANCE * one_pull
             out.append(
@@ -733,10 +771,10 @@ def _checks(run: _Run) -> list[tuple[bool, str]]:
             )
     naive = res.get("naive")
     for name in ("weightcache", "prefetch"):
-        r = res.get(name)
-        if naive is None or r is None or r.origin_bytes <= 0:
+        cached = res.get(name)
+        if naive is None or cached is None or cached.origin_bytes <= 0:
             continue
-        ratio = naive.origin_bytes / r.origin_bytes
+        ratio = naive.origin_bytes / cached.origin_bytes
         ok = abs(ratio - m) <= RATIO_TOLERANCE * m
         who = "weightcache" if name == "weightcache" else "weightcache+prefetch"
         out.append(
@@ -788,7 +826,7 @@ def _table(run: _Run) -> list[str]:
         if r.prefetch is not None:
             peak += f" ({r.prefetch.peak_in_flight} during the prefetch)"
         hits = "-" if r.hits is None else f"{r.hits}/{len(r.loads)}"
-        if r.scenario == "weightcache" and r.counters:
+        if r.scenario in ("weightcache", "peers") and r.counters:
             coalesced = sum(int(c.get("coalesced", 0)) for c in r.counters)
             pulls = sum(int(c.get("misses", 0)) for c in r.counters)
             hits += f" ({pulls} pulls, {coalesced} joined one)"
@@ -875,9 +913,47 @@ def _parameters(run: _Run) -> str:
     )
 
 
+def _peers_lines(run: _Run) -> list[str]:
+    """The peers scenario's per-node traffic: a sentence and a table (none without peers)."""
+    r = run.results.get("peers")
+    if r is None or not r.traffic:
+        return []
+    k = len(r.traffic)
+    share = run.model_bytes * (k - 1) / k
+    down = [t.peer_bytes for t in r.traffic]
+    up = [t.peer_bytes_served for t in r.traffic]
+    return [
+        f"Peers, per node (each daemon's `/v1/status` after the loads): a node downloaded "
+        f"{_size(min(down))} to {_size(max(down))} from peers and uploaded {_size(min(up))} to "
+        f"{_size(max(up))} to them. On average both are (K-1)/K of the model, {_size(share)} "
+        f"(docs/operations.md, *Size*); a node's upload is the chunks it owns (rendezvous over "
+        f"the model's chunks, uneven when there are few) times K-1. The daemons counted "
+        f"{_size(sum(t.origin_bytes for t in r.traffic))} from the origin, SeaweedFS "
+        f"{_size(r.origin_bytes)} (its count includes the manifest reads).",
+        "",
+        "On this one machine the origin is not the bottleneck (SeaweedFS on loopback, no "
+        "bandwidth limit) and every daemon shares the same cores, so the peers' load times "
+        "include the extra hop through each chunk's owner; what peers save shows here in the "
+        "origin's bytes (1x the model instead of K x) and its peak requests, and in time only "
+        "where the origin or the link to it is the limit.",
+        "",
+        *traffic_table(r.traffic, _size),
+    ]
+
+
 def _section(run: _Run, table: list[str], checks: list[tuple[bool, str]], wall_s: float) -> str:
     a = run.args
-    ratio_lines = [text for _, text in checks if text.startswith("origin bytes naive")]
+    ratio_lines = [text for _, text in checks if text.startswith("origin bytes ")]
+    peers = run.results.get("peers")
+    about_peers = (
+        " *weightcache + peers*: fresh daemons again, one per node, configured as peers of each "
+        "other (one token, a loopback TCP listener each, all K URLs in "
+        "`WEIGHTCACHE_PEERS_URLS`): each chunk has one owner among them, which pulls it from the "
+        "origin and passes it on, so the cluster pulls the model about once instead of once per "
+        "node (docs/operations.md, *Peers*)."
+        if peers is not None
+        else " (Run with `--peers` for a fourth scenario, the daemons as peers of each other.)"
+    )
     lines = [
         BEGIN_MARK,
         "## Download storm (`loadtest/storm.py`)",
@@ -886,8 +962,9 @@ def _section(run: _Run, table: list[str], checks: list[tuple[bool, str]], wall_s
         "model at the same moment against one SeaweedFS on loopback. *naive*: every worker "
         "downloads the files with the minio client into its own directory and loads them with "
         "`safetensors.torch.load_file`; *weightcache*: one daemon per node (empty cache), "
-        "workers call `weightcache.load(ref)`; *weightcache + prefetch*: fresh daemons, an admin "
-        "prefetch ahead of the peak, then the workers load. A worker is ready when it holds every "
+        "workers call `weightcache.load(ref)`, each node pulls the model from the origin once; "
+        "*weightcache + prefetch*: fresh daemons, an admin prefetch ahead of the peak, then the "
+        "workers load." + about_peers + " A worker is ready when it holds every "
         "tensor and has read every byte once (a BLAKE3 digest, checked against the original "
         "shards). Load times run from a worker's release to ready; *all ready after* is from the "
         "barrier to the last worker ready. See [loadtest/README.md](../loadtest/README.md).",
@@ -905,6 +982,9 @@ def _section(run: _Run, table: list[str], checks: list[tuple[bool, str]], wall_s
     lines += [f"* {text}" for text in ratio_lines]
     lines += [f"* {text}" for text in _prefetch_lines(run)]
     lines += [f"* {_phase_line(r)}" for r in run.results.values()]
+    peer_lines = _peers_lines(run)
+    if peer_lines:
+        lines += ["", *peer_lines, ""]
     memory = (
         "* *peak RAM in use* is the machine's MemTotal - MemAvailable during the scenario: "
         "mostly the workers' torch; the page cache that holds the mapped tensors (and the naive "
@@ -926,7 +1006,10 @@ def _section(run: _Run, table: list[str], checks: list[tuple[bool, str]], wall_s
 
 
 def plot(run: _Run, path: Path) -> None:
-    """Per-worker ready times (box + strip), origin bytes, and origin requests over time."""
+    """Per-worker ready times (box + strip), origin bytes, and origin requests over time.
+
+    With peers, a fourth panel: each node's bytes from the origin, from peers and to peers.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -935,9 +1018,16 @@ def plot(run: _Run, path: Path) -> None:
 
     results = list(run.results.values())
     a = run.args
-    fig, (ax_t, ax_b, ax_f) = plt.subplots(
-        1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [1.1, 1.0, 1.5]}
-    )
+    peers = run.results.get("peers")
+    traffic = peers.traffic if peers is not None else []
+    if traffic:
+        fig, (ax_t, ax_b, ax_f, ax_p) = plt.subplots(
+            1, 4, figsize=(21, 5.2), gridspec_kw={"width_ratios": [1.2, 1.1, 1.5, 1.0]}
+        )
+    else:
+        fig, (ax_t, ax_b, ax_f) = plt.subplots(
+            1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [1.1, 1.0, 1.5]}
+        )
     fig.suptitle(
         f"Download storm: {a.nodes} nodes x {a.workers} workers load a {a.size_mb} MiB model "
         f"in {a.shards} shards at once (SeaweedFS on loopback, {os.cpu_count()} cores)",
@@ -997,6 +1087,14 @@ def plot(run: _Run, path: Path) -> None:
         linewidth=1,
         label=f"one pull per node ({a.nodes}x model)",
     )
+    if peers is not None:
+        ax_b.axhline(
+            run.model_bytes / (1 << 30),
+            color=COLORS["peers"],
+            linestyle=":",
+            linewidth=1,
+            label="one pull per cluster (1x model)",
+        )
     ax_b.legend(fontsize=8, loc="upper right")
     ax_b.set_xticks(positions, labels, fontsize=8)
     ax_b.set_ylabel("GiB sent by the origin")
@@ -1047,10 +1145,43 @@ def plot(run: _Run, path: Path) -> None:
     ax_f.legend(fontsize=8, loc="upper left")
     ax_f.grid(alpha=0.3)
 
+    if traffic:
+        _plot_traffic(ax_p, traffic, run.model_bytes)
+
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_traffic(ax: Any, traffic: list[NodeTraffic], model_bytes: int) -> None:
+    """Per node: MiB from the origin, from peers (down) and to peers (up), grouped bars."""
+    mib = 1 << 20
+    xs = list(range(1, len(traffic) + 1))
+    series = (
+        ("from the origin", [t.origin_bytes for t in traffic], "#7f7f7f", -0.27),
+        ("from peers (down)", [t.peer_bytes for t in traffic], COLORS["peers"], 0.0),
+        ("to peers (up)", [t.peer_bytes_served for t in traffic], "#c5b0d5", 0.27),
+    )
+    for label, values, color, dx in series:
+        ax.bar(
+            [x + dx for x in xs], [v / mib for v in values], width=0.26, color=color, label=label
+        )
+    k = len(traffic)
+    ax.axhline(
+        model_bytes * (k - 1) / k / mib,
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label=f"(K-1)/K of the model (K = {k})",
+    )
+    ax.set_xticks(xs, [f"node {x}" for x in xs], fontsize=8)
+    ax.set_ylabel("MiB")
+    top = max([model_bytes, *(v for _, values, _, _ in series for v in values)])
+    ax.set_ylim(0, top / mib * 1.25)
+    ax.set_title("weightcache + peers: each node's traffic", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
 
 
 # -- the run -------------------------------------------------------------------
@@ -1103,7 +1234,7 @@ def _measure(args: argparse.Namespace, root: Path) -> _Run:
                 if name == "naive":
                     run.results[name] = _scenario_naive(run)
                 else:
-                    run.results[name] = _scenario_weightcache(run, prefetch=name == "prefetch")
+                    run.results[name] = _scenario_weightcache(run, name)
                 r = run.results[name]
                 _say(
                     f"    all {len(r.loads)} ready {r.makespan:.2f} s after the barrier; origin "
@@ -1113,6 +1244,52 @@ def _measure(args: argparse.Namespace, root: Path) -> _Run:
     finally:
         server.stop()
     return run
+
+
+def _summary(run: _Run, checks: list[tuple[bool, str]], wall_s: float) -> dict[str, Any]:
+    """What ``--json`` writes: the parameters, every scenario's numbers, every check."""
+    a = run.args
+    scenarios: dict[str, Any] = {}
+    for name, r in run.results.items():
+        times = r.load_times
+        scenarios[name] = {
+            "label": r.label,
+            "workers": len(r.loads),
+            "origin_bytes": r.origin_bytes,
+            "origin_x_model": r.origin_bytes / run.model_bytes,
+            "peak_origin_requests": r.peak_in_flight,
+            "all_ready_after_s": r.makespan,
+            "load_p50_s": percentile(times, 50),
+            "load_p99_s": percentile(times, 99),
+            "cache_hits": r.hits,
+            "mem_peak_bytes": r.mem_peak,
+            "max_worker_rss_bytes": max(ld.maxrss_bytes for ld in r.loads),
+            "counters": r.counters,
+            "nodes": [t.to_json() for t in r.traffic],
+        }
+        if r.prefetch is not None:
+            scenarios[name]["prefetch_origin_bytes"] = r.prefetch.origin_bytes
+    return {
+        "ok": all(ok for ok, _ in checks),
+        "parameters": {
+            "nodes": a.nodes,
+            "workers": a.workers,
+            "size_mb": a.size_mb,
+            "shards": a.shards,
+            "scenarios": list(run.results),
+        },
+        "model_bytes": run.model_bytes,
+        "manifest_bytes": run.manifest_bytes,
+        "wall_s": wall_s,
+        "load_average_before": run.load_before,
+        "scenarios": scenarios,
+        "checks": [{"ok": ok, "text": text} for ok, text in checks],
+    }
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _scenarios(text: str) -> list[str]:
@@ -1136,7 +1313,8 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="storm.py",
-        description="K nodes x M workers cold-start one model at once: naive vs weightcache.",
+        description="K nodes x M workers cold-start one model at once: naive vs weightcache "
+        "(one daemon per node, with a prefetch, and with --peers the daemons as peers).",
     )
     p.add_argument("--nodes", type=_positive, default=4, help="simulated nodes, K (default 4)")
     p.add_argument("--workers", type=_positive, default=8, help="workers per node, M (default 8)")
@@ -1145,8 +1323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenarios",
         type=_scenarios,
-        default=list(SCENARIOS),
-        help=f"comma-separated, from {','.join(SCENARIOS)} (default all)",
+        default=list(DEFAULT_SCENARIOS),
+        help=f"comma-separated, from {','.join(SCENARIOS)} (default {','.join(DEFAULT_SCENARIOS)})",
+    )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="add the peers scenario: the K daemons as peers of each other (one pull per cluster)",
     )
     p.add_argument(
         "--lead-s",
@@ -1163,6 +1346,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the repository's docs/)",
     )
     p.add_argument("--no-write", action="store_true", help="print the table only; write no files")
+    p.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="write every scenario's numbers and every check here (also with --no-write)",
+    )
     return p
 
 
@@ -1170,6 +1359,8 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["worker"]:
         return worker_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.peers and "peers" not in args.scenarios:
+        args.scenarios = sorted([*args.scenarios, "peers"], key=SCENARIOS.index)
     if args.lead_s < 0 or args.spread_s < 0:
         print("storm.py: --lead-s and --spread-s must be >= 0", file=sys.stderr)
         return 2
@@ -1193,6 +1384,8 @@ def main(argv: list[str]) -> int:
             run = _measure(args, Path(tmp))
     except DemoFailed as exc:  # ScenarioFailed, or a worker or daemon that failed
         _say(f"\nstorm FAILED: {exc}")
+        if args.json:
+            _write_json(args.json, {"ok": False, "error": str(exc)})
         return 1
     except KeyboardInterrupt:
         _say("\nstorm interrupted; everything it started is stopped and removed")
@@ -1206,6 +1399,8 @@ def main(argv: list[str]) -> int:
         _say(line)
     _say()
     for line in _prefetch_lines(run):
+        _say(line)
+    for line in _peers_lines(run):
         _say(line)
     peak_mem = max(r.mem_peak for r in run.results.values())
     _say(f"peak memory in use on the machine: {_size(peak_mem)} (MemTotal - MemAvailable)")
@@ -1229,6 +1424,9 @@ def main(argv: list[str]) -> int:
         )
         _say(f"\nwrote {out / 'benchmarks.md'} (storm section) and {png}")
     failed = [text for ok, text in checks if not ok]
+    if args.json:
+        _write_json(args.json, _summary(run, checks, wall_s))
+        _say(f"wrote {args.json}")
     _say(f"(storm took {wall_s:.0f} s)")
     if failed:
         _say(f"storm FAILED: {len(failed)} check(s) did not hold")
