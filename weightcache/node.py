@@ -20,6 +20,7 @@ import errno
 import functools
 import logging
 import random
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -108,6 +109,10 @@ class BlobWriter:
     lock: BlobLock
     flights: ChunkFlights = field(default_factory=ChunkFlights)
     users: int = 0
+    #: set once the last user let go and the flock is being released: a newcomer
+    #: waits for :attr:`released`, then takes the flock afresh
+    closing: bool = False
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -167,6 +172,9 @@ class Node:
         self.in_flight = Transfers()
         #: blobs whose part file this process writes, by digest
         self.writers: dict[str, BlobWriter] = {}
+        self._writer_gates: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         #: the daemon's peers; None: every chunk from the origin (embedded mode, the CLI)
         self.peers: PeerSetup | None = None
         #: origin bytes pulled for peers that asked for chunks this node did not have
@@ -563,15 +571,22 @@ class Node:
         lock = self.store.blob_lock(digest)
         while True:
             writer = self.writers.get(digest)
+            if writer is not None and writer.closing:
+                await writer.released.wait()
+                continue
             if writer is not None:
                 writer.users += 1
                 return writer
-            if await self.hop(lock.try_acquire):
-                # Nobody in this process can have registered meanwhile: it would
-                # have needed the flock this process now holds.
-                writer = BlobWriter(lock, users=1)
-                self.writers[digest] = writer
-                return writer
+            # One flock attempt per blob at a time in this process: a second one
+            # would fail on the first's flock and take it for another process's.
+            gate = self._writer_gates.setdefault(digest, asyncio.Lock())
+            async with gate:
+                if digest in self.writers:
+                    continue  # registered while this one waited at the gate: join it
+                if await self.hop(lock.try_acquire):
+                    writer = BlobWriter(lock, users=1)
+                    self.writers[digest] = writer
+                    return writer
             if not wait:
                 return None
             # Another process on this node is pulling this blob: wait for it, and
@@ -584,8 +599,14 @@ class Node:
         writer = self.writers[digest]
         writer.users -= 1
         if writer.users == 0:
-            del self.writers[digest]
-            await self.hop(self._release, writer.lock, digest, size)
+            # Registered until the flock is gone, so that nobody in this process
+            # mistakes this process's own flock for another process's pull.
+            writer.closing = True
+            try:
+                await asyncio.shield(self.hop(self._release, writer.lock, digest, size))
+            finally:
+                del self.writers[digest]
+                writer.released.set()
 
     def _release(self, lock: BlobLock, digest: str, size: int) -> None:
         # The lock file goes once the blob is committed: nobody needs it again.

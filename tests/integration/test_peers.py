@@ -286,3 +286,30 @@ def test_a_daemon_with_peers_and_no_token_refuses_to_start(tmp_path: Path) -> No
     daemon = Daemon(tmp_path / "cache", tmp_path / "run" / "d.sock", env)
     with pytest.raises(AssertionError, match="WEIGHTCACHE_TOKEN"):
         daemon.start(timeout_s=20)
+
+
+@pytest.mark.slow
+def test_prefetches_started_node_after_node_still_pull_the_model_from_the_origin_once(
+    s3: Any, tmp_path: Path
+) -> None:
+    # A rollout rarely starts every node at once: here each node's prefetch starts
+    # 1.5 s after the previous one, while the earlier ones are still pulling (the
+    # byte rate keeps each pull a few seconds long).
+    ref, model, manifest, _ = _publish(s3, tmp_path, "p", big=10 * CHUNK)
+    with cluster(tmp_path, WEIGHTCACHE_FETCH_MAX_BYTES_PER_S="3MiB") as nodes:
+        before = s3.sent_bytes()
+        for i, node in enumerate(nodes):
+            if i:
+                time.sleep(1.5)
+            code, doc = call(node.sock, "POST", "/v1/prefetch", {"ref": ref})
+            assert code in (200, 202), doc
+        for node in nodes:
+            code, doc = call(node.sock, "POST", "/v1/ensure", {"ref": ref})
+            assert code == 200, doc
+            for f in doc["files"]:
+                assert digest_file(f["local_path"]) == f["blake3"], (node.name, f["path"])
+        sent = s3.sent_bytes() - before
+        assert sent <= 1.10 * model + 3 * 4 * manifest, (sent / model, sent, model)
+        # The later nodes found most of what they needed at the earlier ones.
+        assert nodes[2].status()["counters"]["peer_bytes"] > model / 2
+        print(f"staggered prefetch: origin sent {sent / model:.3f}x the model")
