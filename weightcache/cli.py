@@ -422,6 +422,7 @@ def _print_status(doc: dict[str, Any]) -> None:
     )
     print(
         f"bytes     from origin {_human(c.get('origin_bytes', 0))}, "
+        f"from peers {_human(c.get('peer_bytes', 0))}, "
         f"served {_human(c.get('served_bytes', 0))} "
         f"(to peers {_human(c.get('peer_bytes_served', 0))}); evicted "
         f"{_human(c.get('evicted_bytes', 0))} in {c.get('evictions', 0)} evictions"
@@ -483,6 +484,7 @@ def _print_status(doc: dict[str, Any]) -> None:
             f"{leases} lease{'' if leases == 1 else 's'}  used {_when(m.get('last_used'))}  "
             f"{m.get('location', '')}"
         )
+    _print_peers(doc.get("peers"))
     pulls = doc.get("pulls") or []
     print(f"pulls     {len(pulls)}")
     for p in pulls:
@@ -491,6 +493,28 @@ def _print_status(doc: dict[str, Any]) -> None:
             f"{_human(p.get('done_bytes', 0))} of {_human(p.get('total_bytes', 0))}  "
             f"{_human(p.get('rate_bytes_per_s', 0))}/s  {p.get('waiters', 1)} waiting  "
             f"{p.get('priority', '')}  {p.get('ref', '')}"
+        )
+
+
+def _print_peers(peers: Any) -> None:
+    if not isinstance(peers, dict):
+        return
+    rows = [r for r in peers.get("members") or [] if not r.get("self")]
+    source = f"dns {peers['dns']}" if peers.get("dns") else "list"
+    print(
+        f"peers     {len(rows)} ({source}); this node {', '.join(peers.get('self') or []) or '-'}"
+        f"; pulled for peers {_human(peers.get('pulled_for_peers_bytes', 0))}"
+        + (f"; dns failing: {peers['refresh_error']}" if peers.get("refresh_error") else "")
+    )
+    for r in rows:
+        failures = ", ".join(f"{k} {v}" for k, v in sorted((r.get("failures") or {}).items()))
+        retry = r.get("retry_in_s") or 0
+        print(
+            f"  {r.get('state', '?'):<8} {r.get('url', '?')}  in {_human(r.get('bytes_in', 0))}"
+            f", out {_human(r.get('bytes_out', 0))}"
+            + (f", failures: {failures}" if failures else "")
+            + (f"; retried in {retry:.0f} s" if retry else "")
+            + (f"; last: {r['last_error']}" if r.get("last_error") and failures else "")
         )
 
 

@@ -66,6 +66,10 @@ class CacheConfig:
     max_bytes: int = 0
     #: free space to leave on the cache's filesystem, whatever the budget says
     reserve_bytes: int = 1 * GiB
+    #: a partial download untouched this long is removed by the daemon (a pull
+    #: stopped and never asked for again, chunks pulled for peers of a model this
+    #: node never loads)
+    partial_ttl_s: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -353,6 +357,7 @@ def _check(cfg: Config) -> list[tuple[str, str]]:
     c, f, p = cfg.cache, cfg.fetch, cfg.publish
     need(c.max_bytes >= 0, "cache.max_bytes", "must be >= 0 (0 = no budget)", c.max_bytes)
     need(c.reserve_bytes >= 0, "cache.reserve_bytes", "must be >= 0", c.reserve_bytes)
+    need(c.partial_ttl_s > 0, "cache.partial_ttl_s", "must be > 0", c.partial_ttl_s)
     need(1 <= f.concurrency <= 256, "fetch.concurrency", "must be in 1..256", f.concurrency)
     need(0 <= f.retries <= 100, "fetch.retries", "must be in 0..100", f.retries)
     need(0 <= f.hash_retries <= 10, "fetch.hash_retries", "must be in 0..10", f.hash_retries)

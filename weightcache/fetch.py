@@ -48,6 +48,7 @@ disk) or :class:`CacheIOError` naming the path, never a bare ``OSError``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -445,8 +446,11 @@ class Fetcher:
         flights: ChunkFlights,
     ) -> None:
         """Bring one chunk into the part file (for a peer that asked for it); the
-        caller holds the blob's lock and has checked it is not there yet."""
-        await self._hop(self.store.open_part, entry.blake3, entry.size)
+        caller holds the blob's lock and has checked it is not there yet. The part
+        file stays sparse: only the chunks pulled take disk."""
+        await self._hop(
+            functools.partial(self.store.open_part, entry.blake3, entry.size, preallocate=False)
+        )
         recorded = (await self._hop(self.store.read_progress, entry.blake3)).get(index, 0)
         recorded = recorded if 0 < recorded <= entry.chunk_range(index)[1] else 0
 

@@ -608,6 +608,23 @@ class Node:
                 del self.writers[digest]
                 writer.released.set()
 
+    async def sweep_partials(self, max_age_s: float, now: float) -> int:
+        """Remove partial downloads untouched for ``max_age_s`` that nobody writes
+        (none in this process, and the blob's flock free); returns the bytes freed."""
+        freed = 0
+        for digest, age in await self.hop(lambda: list(self.store.partial_ages(now))):
+            if age < max_age_s or digest in self.writers:
+                continue
+            lock = self.store.blob_lock(digest)
+            if not await self.hop(lock.try_acquire):
+                continue  # another process is pulling it
+            try:
+                freed += await self.hop(self.store.remove_partial, digest)
+                log.info("partial.removed blob=%s idle_s=%.0f", digest[:16], age)
+            finally:
+                await self.hop(lock.release, unlink=True)
+        return freed
+
     def _release(self, lock: BlobLock, digest: str, size: int) -> None:
         # The lock file goes once the blob is committed: nobody needs it again.
         lock.release(unlink=self.store.has_blob(digest, size))

@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 3.0
 #: how often leases of dead processes and expired leases are dropped
 REAP_INTERVAL_S = 2.0
+#: how often the daemon looks for idle partial downloads (cache.partial_ttl_s)
+SWEEP_INTERVAL_S = 3600.0
 #: a location's latest manifest is read at most once per this many seconds per node: a
 #: revision published now is seen by loads that start up to this long later
 RESOLVE_TTL_S = 2.0
@@ -217,6 +219,7 @@ class Service:
             asyncio.create_task(self._reaper(), name="weightcache-lease-reaper"),
             *self.prefetching.tasks(),
             asyncio.create_task(self._resume_pulls(), name="weightcache-resume"),
+            asyncio.create_task(self._sweeper(), name="weightcache-partial-sweeper"),
         ]
         if self.cfg.peers.enabled:
             from weightcache.peers import setup
@@ -546,6 +549,21 @@ class Service:
             # linked, before the record was dropped): nothing is left to resume.
             await self.hop(self.node.index.delete, ("pull", rev))
 
+    async def _sweeper(self) -> None:
+        """Remove partial downloads idle for ``cache.partial_ttl_s``, checked hourly
+        (or four times per TTL when that is shorter)."""
+        ttl = self.cfg.cache.partial_ttl_s
+        while True:
+            await self.clock.sleep(min(SWEEP_INTERVAL_S, ttl / 4))
+            try:
+                # File times are the real wall clock's, whatever clock the service runs on.
+                freed = await self.node.sweep_partials(ttl, time.time())
+            except WeightcacheError as exc:
+                log.warning("partial.sweep_failed code=%s message=%s", exc.code, exc.message)
+                continue
+            if freed:
+                self.counters["partial_bytes_removed"] += freed
+
     async def _reaper(self) -> None:
         while True:
             await self.clock.sleep(REAP_INTERVAL_S)
@@ -737,6 +755,7 @@ class Service:
                 "overloaded",
                 "peer_bytes",
                 "peer_bytes_served",
+                "partial_bytes_removed",
             )
         }
         # Bytes of pulls still running count as they arrive, not when the pull ends;

@@ -171,8 +171,11 @@ class Store:
     def blob_lock(self, digest: str) -> BlobLock:
         return BlobLock(self.partial_paths(digest).lock)
 
-    def open_part(self, digest: str, size: int) -> None:
-        """Create (or keep) the preallocated part file, so a full disk shows now, not halfway."""
+    def open_part(self, digest: str, size: int, *, preallocate: bool = True) -> None:
+        """Create (or keep) the preallocated part file, so a full disk shows now, not halfway.
+
+        ``preallocate=False`` leaves it sparse: a file that will get a few chunks
+        (pulled for peers) takes only their blocks."""
         paths = self.partial_paths(digest)
         with disk_errors(paths.part, "creating part file", needed_bytes=size):
             with suppress(FileNotFoundError):
@@ -181,7 +184,7 @@ class Store:
             try:
                 if os.fstat(fd).st_size != size:
                     os.ftruncate(fd, size)
-                if size:
+                if size and preallocate:
                     try:
                         os.posix_fallocate(fd, 0, size)
                     except OSError as exc:
@@ -239,6 +242,33 @@ class Store:
                 os.write(fd, record)
             finally:
                 os.close(fd)
+
+    def partial_ages(self, now: float) -> Iterator[tuple[str, float]]:
+        """(digest, seconds since any of its partial files last changed) of every
+        partial download: a pull stopped midway, chunks pulled for peers."""
+        digests = {
+            p.name.split(".", 1)[0] for p in self.partial.iterdir() if is_digest(p.name[:64])
+        }
+        for digest in sorted(digests):
+            paths = self.partial_paths(digest)
+            stamps = []
+            for path in (paths.part, paths.chunks, paths.progress):
+                with suppress(FileNotFoundError):
+                    stamps.append(path.stat().st_mtime)
+            if stamps:
+                yield digest, now - max(stamps)
+
+    def remove_partial(self, digest: str) -> int:
+        """Remove a partial download's files (the caller holds the blob's lock);
+        returns the bytes its part file took on disk."""
+        paths = self.partial_paths(digest)
+        freed = 0
+        with suppress(FileNotFoundError):
+            freed = paths.part.stat().st_blocks * 512
+        for path in (paths.part, paths.chunks, paths.progress):
+            with disk_errors(path, "removing"), suppress(FileNotFoundError):
+                os.unlink(path)
+        return freed
 
     def commit_blob(self, digest: str, size: int) -> Path:
         """Move a finished part file into ``blobs/``: size check, hash check, fsync, rename.

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from tests.support.clocks import ManualClock
 from tests.support.daemon import free_port
+from tests.support.published import cache_config
 from weightcache.config import PeersConfig, load_config
 from weightcache.errors import ConfigInvalid
+from weightcache.node import Node
 from weightcache.peers.members import Members, normalize
 from weightcache.peers.rendezvous import chunk_key, owner, rank
 from weightcache.peers.setup import check_peers
+from weightcache.store import BlobLock
 
 DIGEST = "ab" * 32
 
@@ -186,3 +192,35 @@ def test_peers_need_the_token_and_a_listener() -> None:
     )
     check_peers(ok)
     check_peers(load_config(env={}))  # no peers: nothing to check
+
+
+async def test_idle_partial_downloads_are_swept_unless_someone_writes_them(tmp_path: Path) -> None:
+    node = Node(cache_config(tmp_path))
+    try:
+        store = node.store
+        idle, fresh, locked = ("1" * 64, "2" * 64, "3" * 64)
+        size = 8 << 20
+        for digest in (idle, fresh, locked):
+            # As a peer's pull leaves it: sparse, one chunk written and recorded.
+            store.open_part(digest, size, preallocate=False)
+            with open(store.partial_paths(digest).part, "r+b") as fh:
+                fh.write(b"x" * (1 << 20))
+            store.record_chunk(digest, 0)
+        assert store.partial_paths(idle).part.stat().st_blocks * 512 < 2 << 20  # sparse
+        day_ago = time.time() - 86400
+        for digest in (idle, locked):
+            for path in (store.partial_paths(digest).part, store.partial_paths(digest).chunks):
+                os.utime(path, (day_ago, day_ago))
+        holder = BlobLock(store.partial_paths(locked).lock)  # another process pulling it
+        assert holder.try_acquire()
+        try:
+            freed = await node.sweep_partials(3600, time.time())
+        finally:
+            holder.release()
+        assert freed >= 1 << 20
+        assert not store.partial_paths(idle).part.exists()
+        assert not store.partial_paths(idle).chunks.exists()
+        assert store.read_chunk_log(fresh) == {0}
+        assert store.partial_paths(locked).part.exists()
+    finally:
+        await node.aclose()

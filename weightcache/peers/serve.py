@@ -135,6 +135,14 @@ async def _pull_for_peer(node: Node, entry: FileEntry, index: int, ref_text: str
             return  # someone started it meanwhile: the caller waits for it
         if await node.hop(node.store.has_blob, digest, entry.size):
             return
+        length = entry.chunk_range(index)[1]
+        free = await node.hop(node.store.free_bytes)
+        if free - length < node.cfg.cache.reserve_bytes:
+            raise PeerBusy(
+                f"no room to pull chunk {index} of blob {digest[:16]} for a peer: "
+                f"{free} bytes free, cache.reserve_bytes is {node.cfg.cache.reserve_bytes}",
+                digest=digest,
+            )
         ref = node.parse(ref_text)
         origin, prefix = await node.origin(ref)
         fetcher = node.fetcher_for_peers(Priority.WORKER)
