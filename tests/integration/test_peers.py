@@ -248,6 +248,37 @@ def test_a_peer_that_flips_bytes_is_avoided_and_nothing_it_sent_is_kept(
         assert a.peer(ub)["state"] == "up"
 
 
+@pytest.mark.slow
+def test_a_peer_that_stalls_midway_costs_a_bounded_delay_and_its_bytes_are_verified(
+    s3: Any, tmp_path: Path
+) -> None:
+    ref, model, _, _ = _publish(s3, tmp_path, "s", big=12 * CHUNK)
+    ports = [free_port() for _ in range(3)]
+    ua, ub, uc = (f"http://127.0.0.1:{p}" for p in ports)
+    with FaultProxy(uc) as proxy, ExitStack() as stack:
+        # c, seen through the proxy, sends 64 KiB of a chunk and then nothing for a minute.
+        proxy.add_rule("/v1/blobs/", "stall", after_bytes=64 << 10, seconds=60)
+        a = Node(tmp_path, "a", ports[0], [ua, ub, proxy.url])
+        b = Node(tmp_path, "b", ports[1], [ua, ub, proxy.url])
+        c = Node(tmp_path, "c", ports[2], [ua, ub, uc])
+        for n in (a, b, c):
+            stack.enter_context(n.daemon)
+        started = time.monotonic()
+        code, doc = call(a.sock, "POST", "/v1/ensure", {"ref": ref})
+        took = time.monotonic() - started
+        assert code == 200, doc
+        stalled = a.peer(proxy.url)
+        assert stalled["failures"].get("unavailable", 0) >= 1, stalled
+        assert stalled["state"] == "down", stalled
+        # One stall (peers.timeout_s = 3 s here), then the peer is skipped: seconds,
+        # not the minute the stall lasts.
+        assert took < 30, took
+        for f in doc["files"]:
+            assert digest_file(f["local_path"]) == f["blake3"], f["path"]
+        assert _blobs_intact(a.daemon.cache) == []
+        print(f"stalled peer: ensure took {took:.1f} s for {model} bytes")
+
+
 def _get(url: str, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
     req = urllib.request.Request(url, headers=headers)
     try:
