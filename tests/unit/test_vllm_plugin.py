@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -32,6 +34,7 @@ from weightcache.publish import publish
 from weightcache.refs import parse_ref
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
+ROOT = Path(__file__).resolve().parents[2]
 
 # -- --model-loader-extra-config ------------------------------------------------------
 
@@ -141,6 +144,19 @@ def test_the_entry_point_is_in_the_installed_metadata() -> None:
     found = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "weightcache"]
     assert [ep.value for ep in found] == ["weightcache.integrations.vllm:register"]
     assert found[0].load() is plugin.register
+
+
+def test_importing_the_plugin_loads_neither_vllm_nor_torch() -> None:
+    # vLLM imports the entry point's module in every process it starts, and the
+    # pure parts run where vLLM is not installed.
+    probe = (
+        "import json, sys, weightcache.integrations.vllm; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'torch'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert json.loads(out.stdout) == []
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here: test_vllm_real.py runs instead")

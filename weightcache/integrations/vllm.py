@@ -39,8 +39,10 @@ stage's layers and another expert-parallel rank's experts are mapped, not read.
 
 Everything here but :func:`register` and :func:`loader_class` runs without
 vLLM installed; those two import it, and say ``pip install vllm`` when it is
-missing. Written against vLLM 0.34.0 (``BaseModelLoader.download_model(model_config)``,
-``load_weights(model, model_config)``, ``register_model_loader(load_format)``).
+missing. The vLLM API it uses (``BaseModelLoader.download_model(model_config)``
+and ``load_weights(model, model_config)``, ``register_model_loader(load_format)``,
+the ``vllm.general_plugins`` group) is that of vLLM 0.32 and 0.34; docs/operations.md
+("Serving engines") says what has run against which.
 """
 
 from __future__ import annotations
@@ -289,7 +291,7 @@ def _missing(exc: ImportError) -> ImportError:
         )
     return ImportError(
         f"vLLM is installed but its model loader API does not import ({exc}); "
-        "weightcache's loader is written against vLLM 0.34"
+        "weightcache's loader uses the model loader API of vLLM 0.32 to 0.34"
     )
 
 
