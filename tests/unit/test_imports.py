@@ -133,3 +133,21 @@ def test_demo_fixtures_live_in_the_demo_subpackage() -> None:
         assert not (package / gone).exists(), gone
     for module in ("run", "processes", "tensors", "seaweed", "synthetic"):
         assert (package / "demo" / f"{module}.py").is_file(), module
+
+
+def test_every_package_of_the_tree_is_in_the_wheel() -> None:
+    # A package missing from [tool.setuptools] packages works in a checkout and an
+    # editable install, and is simply absent from a wheel.
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(root).parts)
+        for p in (root / "weightcache").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+        and "client" not in p.relative_to(root / "weightcache").parts[:-1]
+    }
+    assert found <= listed | {"weightcache.client"}, sorted(found - listed)

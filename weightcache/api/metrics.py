@@ -30,7 +30,9 @@ COUNTERS: dict[str, str] = {
     "served_bytes": "Bytes handed to workers (ensured revisions) and to peers (blobs).",
     "peer_bytes": "Bytes received from peer daemons (each chunk verified before it is kept).",
     "peer_bytes_served": "Bytes of verified blobs sent to peer daemons.",
-    "partial_bytes_removed": "Disk bytes of partial downloads removed after cache.partial_ttl_s idle.",
+    "partial_bytes_removed": (
+        "Disk bytes of partial downloads removed after cache.partial_ttl_s idle."
+    ),
     "evictions": "Revisions evicted from the node cache.",
     "evicted_bytes": "Blob bytes evicted from the node cache.",
     "overloaded": "Ensure requests refused because too many were pending.",

@@ -667,10 +667,34 @@ def _paths() -> dict[str, Any]:
             "get": {
                 **_V1,
                 "operationId": "getBlob",
-                "summary": "Verified content by its BLAKE3 digest, for peers (Range supported)",
+                "summary": "Verified content by its BLAKE3 digest, for peers (Range supported); "
+                "with ref, a chunk of a blob this node does not hold yet",
                 "parameters": [
                     {"name": "digest", "in": "path", "required": True, "schema": _DIGEST},
                     {"name": "Range", "in": "header", "required": False, "schema": _STR},
+                    {
+                        "name": "ref",
+                        "in": "query",
+                        "required": False,
+                        "description": "LOCATION@REVISION (the revision in full): lets a node "
+                        "that does not hold the blob serve one chunk of it, verified",
+                        "schema": _STR,
+                    },
+                    {
+                        "name": "X-Weightcache-Node",
+                        "in": "header",
+                        "required": False,
+                        "description": "the asking daemon's id (a request from this very "
+                        "daemon gets 409 peer_is_self)",
+                        "schema": _STR,
+                    },
+                    {
+                        "name": "X-Weightcache-Peer",
+                        "in": "header",
+                        "required": False,
+                        "description": "the asking daemon's own URL, for per-peer counters",
+                        "schema": _STR,
+                    },
                 ],
                 "responses": {
                     "200": {
@@ -682,7 +706,7 @@ def _paths() -> dict[str, Any]:
                         "content": {"application/octet-stream": {"schema": {}}},
                     },
                     "416": {"description": "the range lies outside the blob"},
-                    **_errors(400, 401, 404, 500),
+                    **_errors(400, 401, 404, 409, 500, 503),
                 },
             },
             "head": {
