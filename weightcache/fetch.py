@@ -495,55 +495,23 @@ class Fetcher:
             async with self.slots.slot(self.priority):
                 if self.limiter is not None:
                     await self.limiter.acquire(length - kept)
-                abort = self.transfers.start()
-                job = loop.run_in_executor(
-                    self.executor,
-                    self._transfer,
-                    origin,
-                    key,
-                    entry,
-                    index,
-                    kept,
-                    stats,
-                    abort,
-                    notify,
-                    "origin_bytes",
-                )
+                error: OriginUnavailable | _ChunkHashMismatch
                 try:
-                    error: OriginUnavailable | _ChunkHashMismatch
-                    try:
-                        await asyncio.shield(job)
-                        if inherited:
-                            stats.add(resumed_bytes=inherited)
-                        if on_bytes:
-                            on_bytes(length)
-                        return
-                    except _Interrupted as exc:
-                        error, kept = exc.error, exc.written
-                    except _ChunkHashMismatch as exc:
-                        error = exc
-                    except _Aborted:
-                        raise ShuttingDown(
-                            f"the fetch of {entry.path} was aborted: the node is stopping",
-                            hint="verified chunks and synced progress are kept; "
-                            "the pull resumes from them when asked again",
-                            path=entry.path,
-                            chunk=index,
-                        ) from None
-                    except WeightcacheError as exc:
-                        # Not retryable (not found, denied, disk full): name what failed.
-                        exc.facts.setdefault("path", entry.path)
-                        exc.facts.setdefault("chunk", index)
-                        raise
-                except asyncio.CancelledError:
-                    # Close the transfer's socket so that its thread returns now even
-                    # from a stalled origin, and wait for it: no thread writes into
-                    # the part file after we return.
-                    abort.abort()
-                    await asyncio.wait([job])
+                    await self._attempt(origin, key, entry, index, kept, stats, notify, "origin")
+                    if inherited:
+                        stats.add(resumed_bytes=inherited)
+                    if on_bytes:
+                        on_bytes(length)
+                    return
+                except _Interrupted as exc:
+                    error, kept = exc.error, exc.written
+                except _ChunkHashMismatch as exc:
+                    error = exc
+                except WeightcacheError as exc:
+                    # Not retryable (not found, denied, disk full): name what failed.
+                    exc.facts.setdefault("path", entry.path)
+                    exc.facts.setdefault("chunk", index)
                     raise
-                finally:
-                    self.transfers.finish(abort)
             if isinstance(error, _ChunkHashMismatch):
                 stats.add(hash_failures=1)
                 kept = inherited = 0
@@ -598,6 +566,54 @@ class Fetcher:
             )
             await self.clock.sleep(delay)
 
+    async def _attempt(
+        self,
+        origin: Origin,
+        key: str,
+        entry: FileEntry,
+        index: int,
+        kept: int,
+        stats: FetchStats,
+        notify: ProgressFn | None,
+        source: str,
+    ) -> None:
+        """One transfer of the chunk from ``kept`` on, from the origin or a peer
+        (``source``: whose counter the bytes go to), in a worker thread; raises what
+        :meth:`_transfer` raises, and :class:`ShuttingDown` if the node aborted it."""
+        abort = self.transfers.start()
+        job = asyncio.get_running_loop().run_in_executor(
+            self.executor,
+            self._transfer,
+            origin,
+            key,
+            entry,
+            index,
+            kept,
+            stats,
+            abort,
+            notify,
+            f"{source}_bytes",
+        )
+        try:
+            await asyncio.shield(job)
+        except _Aborted:
+            raise ShuttingDown(
+                f"the fetch of {entry.path} was aborted: the node is stopping",
+                hint="verified chunks and synced progress are kept; "
+                "the pull resumes from them when asked again",
+                path=entry.path,
+                chunk=index,
+            ) from None
+        except asyncio.CancelledError:
+            # Close the transfer's socket so that its thread returns now even from a
+            # stalled origin or peer, and wait for it: no thread writes into the part
+            # file after we return.
+            abort.abort()
+            await asyncio.wait([job])
+            raise
+        finally:
+            self.transfers.finish(abort)
+
     async def _from_peers(
         self,
         entry: FileEntry,
@@ -617,7 +633,6 @@ class Fetcher:
         route = self.peers
         digest = entry.blake3
         length = entry.chunk_range(index)[1]
-        loop = asyncio.get_running_loop()
         for url in route.candidates(digest, index):
             if flight is not None:
                 flight.source = url
@@ -628,22 +643,10 @@ class Fetcher:
                 async with route.slots.slot(self.priority):
                     if self.limiter is not None:
                         await self.limiter.acquire(length - kept)
-                    abort = self.transfers.start()
-                    job = loop.run_in_executor(
-                        self.executor,
-                        self._transfer,
-                        route.origin(url),
-                        digest,
-                        entry,
-                        index,
-                        kept,
-                        stats,
-                        abort,
-                        None,
-                        "peer_bytes",
-                    )
                     try:
-                        await asyncio.shield(job)
+                        await self._attempt(
+                            route.origin(url), digest, entry, index, kept, stats, None, "peer"
+                        )
                         route.members.report_ok(url, length - start)
                         stats.add(peer_chunks=1)
                         return True, 0
@@ -680,18 +683,6 @@ class Fetcher:
                     except WeightcacheError as exc:
                         # Anything else a peer does costs it this chunk, never the load.
                         route.members.report_failure(url, exc.code, exc.message, skip=True)
-                    except _Aborted:
-                        raise ShuttingDown(
-                            f"the fetch of {entry.path} was aborted: the node is stopping",
-                            path=entry.path,
-                            chunk=index,
-                        ) from None
-                    except asyncio.CancelledError:
-                        abort.abort()
-                        await asyncio.wait([job])
-                        raise
-                    finally:
-                        self.transfers.finish(abort)
             stats.add(peer_failures=1)
             log.info("fetch.peer_failed peer=%s blob=%s chunk=%d", url, digest[:16], index)
         return False, kept

@@ -91,6 +91,22 @@ def cluster(tmp_path: Path, n: int = 3, **env: str) -> Iterator[list[Node]]:
         yield nodes
 
 
+@contextmanager
+def behind_proxy(tmp_path: Path, fault: str, **rule: Any) -> Iterator[tuple[Node, str, FaultProxy]]:
+    """Nodes a, b and c, where a and b reach c only through a fault proxy that breaks
+    every blob response with ``fault``; yields (a, b's URL, the proxy)."""
+    ports = [free_port() for _ in range(3)]
+    ua, ub, uc = (f"http://127.0.0.1:{p}" for p in ports)
+    with FaultProxy(uc) as proxy, ExitStack() as stack:
+        proxy.add_rule("/v1/blobs/", fault, **rule)
+        a = Node(tmp_path, "a", ports[0], [ua, ub, proxy.url])
+        b = Node(tmp_path, "b", ports[1], [ua, ub, proxy.url])
+        c = Node(tmp_path, "c", ports[2], [ua, ub, uc])
+        for n in (a, b, c):
+            stack.enter_context(n.daemon)
+        yield a, ub, proxy
+
+
 def _blobs_intact(cache: Path) -> list[str]:
     """Blobs under ``blobs/`` whose content does not hash to their name."""
     return [p.name for p in (cache / "blobs").iterdir() if digest_file(p) != p.name]
@@ -220,16 +236,8 @@ def test_a_peer_that_flips_bytes_is_avoided_and_nothing_it_sent_is_kept(
     s3: Any, tmp_path: Path
 ) -> None:
     ref, _, _, _ = _publish(s3, tmp_path, "f", big=12 * CHUNK)
-    ports = [free_port() for _ in range(3)]
-    ua, ub, uc = (f"http://127.0.0.1:{p}" for p in ports)
-    with FaultProxy(uc) as proxy, ExitStack() as stack:
-        # a and b reach c only through the proxy, which flips a byte of every blob body.
-        proxy.add_rule("/v1/blobs/", "flip", offset=0)
-        a = Node(tmp_path, "a", ports[0], [ua, ub, proxy.url])
-        b = Node(tmp_path, "b", ports[1], [ua, ub, proxy.url])
-        c = Node(tmp_path, "c", ports[2], [ua, ub, uc])
-        for n in (a, b, c):
-            stack.enter_context(n.daemon)
+    # a and b reach c only through the proxy, which flips a byte of every blob body.
+    with behind_proxy(tmp_path, "flip", offset=0) as (a, ub, proxy):
         code, doc = call(a.sock, "POST", "/v1/ensure", {"ref": ref})
         assert code == 200, doc
         assert doc["source"] == "origin+peer", doc["source"]
@@ -253,16 +261,8 @@ def test_a_peer_that_stalls_midway_costs_a_bounded_delay_and_its_bytes_are_verif
     s3: Any, tmp_path: Path
 ) -> None:
     ref, model, _, _ = _publish(s3, tmp_path, "s", big=12 * CHUNK)
-    ports = [free_port() for _ in range(3)]
-    ua, ub, uc = (f"http://127.0.0.1:{p}" for p in ports)
-    with FaultProxy(uc) as proxy, ExitStack() as stack:
-        # c, seen through the proxy, sends 64 KiB of a chunk and then nothing for a minute.
-        proxy.add_rule("/v1/blobs/", "stall", after_bytes=64 << 10, seconds=60)
-        a = Node(tmp_path, "a", ports[0], [ua, ub, proxy.url])
-        b = Node(tmp_path, "b", ports[1], [ua, ub, proxy.url])
-        c = Node(tmp_path, "c", ports[2], [ua, ub, uc])
-        for n in (a, b, c):
-            stack.enter_context(n.daemon)
+    # c, seen through the proxy, sends 64 KiB of a chunk and then nothing for a minute.
+    with behind_proxy(tmp_path, "stall", after_bytes=64 << 10, seconds=60) as (a, _, proxy):
         started = time.monotonic()
         code, doc = call(a.sock, "POST", "/v1/ensure", {"ref": ref})
         took = time.monotonic() - started
