@@ -8,7 +8,8 @@ step. Strategies, side by side for each fleet size N:
 * ``naive``: each of the M workers of a node pulls the whole model from the
   origin itself; the origin sends the model N x M times;
 * ``per-node``: one daemon per node pulls the model once; the origin sends it N times;
-* ``peers``, as the daemon does it: the owner of each chunk,
+* ``peers-in-order``, **no longer built** (the daemon's first version, kept
+  for comparison): the owner of each chunk,
   ``rendezvous.owner(chunk_key(digest, i), peers)`` (the daemon's own code),
   pulls it from the origin; every other node downloads it from the owner. A
   pull queues all its chunks at once, in manifest order: those it owns wait
@@ -17,10 +18,11 @@ step. Strategies, side by side for each fleet size N:
   same chunks at the same moment. A request to an owner still pulling the
   chunk waits there, holding its slot. The origin sends the model once; a node
   uploads (chunks it owns) x (N - 1);
-* ``peers-spread``, **not built**: as ``peers``, but each node asks in its own
-  order: by when the owner will have the chunk (its place in the owner's list
-  // fetch.concurrency), ties in a per-node seeded random order;
-* ``peers+relay``, **not built**: as ``peers-spread``, and a node that holds a
+* ``peers``, as the daemon does it now: as ``peers-in-order``, but each node
+  asks in its own order: by when the owner will have the chunk (its place in
+  the owner's list // fetch.concurrency), ties in a per-node random order
+  (``weightcache.peers.rendezvous.pull_order``);
+* ``peers+relay``, **not built**: as ``peers``, and a node that holds a
   chunk serves it too (a swarm): a requester takes whichever of the owner and
   two random holders has the fewest uploads in flight.
 
@@ -85,8 +87,8 @@ from weightcache.peers.rendezvous import chunk_key, owner
 
 GIB, MIB = 1 << 30, 1 << 20
 SHARD_BYTES = 5 * GIB
-STRATEGIES = ("naive", "per-node", "peers", "peers-spread", "peers+relay")
-NOT_BUILT = ("peers-spread", "peers+relay")  # in the daemon
+STRATEGIES = ("naive", "per-node", "peers-in-order", "peers", "peers+relay")
+NOT_BUILT = ("peers-in-order", "peers+relay")  # in the daemon (no longer, and not yet)
 REPORT = ROOT / "docs" / "benchmarks.md"  # and docs/img/fleet_sim.png
 RELAY_DRAWS = 2  # peers+relay: random holders weighed against the owner
 ORIGIN = -1  # a flow's source when it is the origin
@@ -168,7 +170,7 @@ def queues(strategy: str, nodes: int, own: Ints, conc: int, rng: np.random.Gener
         return [np.tile(np.arange(k), (nodes, 1))]
     mine = own[None, :] == np.arange(nodes)[:, None]
     index = np.tile(np.arange(k, dtype=np.float64), (nodes, 1))  # manifest order
-    if strategy == "peers":
+    if strategy == "peers-in-order":
         order_key = index
     else:  # by when the owner will have it (it pulls conc at a time), then per node at random
         by_owner = np.argsort(own, kind="stable")
@@ -327,6 +329,8 @@ def simulate(strategy: str, nodes: int, fleet: Fleet, sizes: Ints, own: Ints) ->
 
 
 def label(strategy: str) -> str:
+    if strategy == "peers-in-order":
+        return f"{strategy} (first version)"
     return f"{strategy} (not built)" if strategy in NOT_BUILT else strategy
 
 
@@ -358,23 +362,24 @@ def notes(rows: list[Row], fleet: Fleet) -> list[str]:
     sizes = sorted({r["nodes"] for r in rows})
     n, mib, nic = sizes[-1], fleet.chunk_bytes // MIB, fleet.nic_bps
     out = []
-    if all((s, m) in at for s in ("peers", "peers-spread") for m in sizes):
+    if all((s, m) in at for s in ("peers-in-order", "peers") for m in sizes):
         ratios = ", ".join(
-            f"{m:,}: {at['peers', m]['ready_p99_s'] / at['peers-spread', m]['ready_p99_s']:.1f}x"
+            f"{m:,}: {at['peers-in-order', m]['ready_p99_s'] / at['peers', m]['ready_p99_s']:.1f}x"
             for m in sizes
         )
         out.append(
-            f"Same order everywhere (*peers*, as built): p99 ready / *peers-spread*'s by nodes: "
-            f"{ratios}. Every node asks for the same few chunks at the same moment, so the "
-            "owners of those chunks carry the fleet's peer traffic while the other uplinks idle. "
-            "Fix, free of origin bytes: each node asks in an order of its own (*peers-spread*)."
+            f"Same order everywhere (*peers-in-order*, the daemon's first version): p99 ready / "
+            f"*peers*'s by nodes: {ratios}. Every node asked for the same few chunks at the same "
+            "moment, so the owners of those chunks carried the fleet's peer traffic while the "
+            "other uplinks idled. The daemon now asks in an order of its own on each node "
+            "(*peers*), which costs no origin bytes."
         )
-    if ("peers-spread", n) in at:
-        r = at["peers-spread", n]
+    if ("peers", n) in at:
+        r = at["peers", n]
         hot = r["owned_chunks_max"]
         hot_bytes = hot * fleet.chunk_bytes * (n - 1)
         out.append(
-            f"Hot owner (*peers-spread*): at {n:,} nodes the model has {r['chunks']:,} chunks; "
+            f"Hot owner (*peers*): at {n:,} nodes the model has {r['chunks']:,} chunks; "
             f"{r['nodes_owning_none']:,} nodes own none and the busiest owns {hot}, so it "
             f"uploads {hot} x {n - 1:,} x {mib} MiB = {hot_bytes / GIB:,.0f} GiB, "
             f"{hot_bytes / nic:.1f} s of its uplink, against {r['model_bytes'] / nic:.1f} s to "
@@ -386,7 +391,8 @@ def notes(rows: list[Row], fleet: Fleet) -> list[str]:
             "Not modelled: an owner whose blob is still partial reads a chunk into memory and "
             "hashes it again for every request it serves (`weightcache/peers/serve.py`), up to "
             f"{hot_bytes / GIB:,.0f} GiB for the busiest owner above; and {n - 1:,} requests for "
-            f"one chunk at once (as in *peers*) hold {(n - 1) * fleet.chunk_bytes / GIB:,.1f} GiB."
+            "one chunk at once (as in *peers-in-order*) hold "
+            f"{(n - 1) * fleet.chunk_bytes / GIB:,.1f} GiB."
         )
     return out
 
@@ -429,7 +435,7 @@ def section(rows: list[Row], fleet: Fleet, cmd: str, wall_s: float) -> str:
         "## Fleet simulation (peers at scale)",
         "",
         f"`loadtest/fleet_sim.py`: a flow-level simulation (no network) of N nodes cold-starting a "
-        f"{fleet.model_bytes / GIB:g} GiB model at the same moment, four ways:",
+        f"{fleet.model_bytes / GIB:g} GiB model at the same moment, five ways:",
         "",
         *strategies,
         "",

@@ -261,8 +261,8 @@ def test_a_peer_that_stalls_midway_costs_a_bounded_delay_and_its_bytes_are_verif
     s3: Any, tmp_path: Path
 ) -> None:
     ref, model, _, _ = _publish(s3, tmp_path, "s", big=12 * CHUNK)
-    # c, seen through the proxy, sends 64 KiB of a chunk and then nothing for a minute.
-    with behind_proxy(tmp_path, "stall", after_bytes=64 << 10, seconds=60) as (a, _, proxy):
+    # c, seen through the proxy, sends 1 KiB of a chunk and then nothing for a minute.
+    with behind_proxy(tmp_path, "stall", after_bytes=1024, seconds=60) as (a, _, proxy):
         started = time.monotonic()
         code, doc = call(a.sock, "POST", "/v1/ensure", {"ref": ref})
         took = time.monotonic() - started

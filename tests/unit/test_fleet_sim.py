@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 8
-PEERS = ("peers", "peers-spread", "peers+relay")
+PEERS = ("peers-in-order", "peers", "peers+relay")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import socket
 import time
 from collections import Counter
@@ -17,7 +19,7 @@ from weightcache.config import PeersConfig, load_config
 from weightcache.errors import ConfigInvalid
 from weightcache.node import Node
 from weightcache.peers.members import Members, normalize
-from weightcache.peers.rendezvous import chunk_key, owner, rank
+from weightcache.peers.rendezvous import chunk_key, owner, pull_order, rank, top
 from weightcache.peers.setup import check_peers
 from weightcache.store import BlobLock
 
@@ -224,3 +226,32 @@ async def test_idle_partial_downloads_are_swept_unless_someone_writes_them(tmp_p
         assert store.partial_paths(locked).part.exists()
     finally:
         await node.aclose()
+
+
+def test_top_is_the_head_of_the_ranking() -> None:
+    peers = [f"http://10.2.0.{i}:7878" for i in range(30)]
+    for i in range(50):
+        key = chunk_key(DIGEST, i)
+        assert top(key, peers, 4) == rank(key, peers)[:4]
+
+
+def test_each_node_asks_by_when_the_owner_will_have_the_chunk_in_an_order_of_its_own() -> None:
+    peers = [f"http://10.3.0.{i}:7878" for i in range(4)]
+    owners = _owners(peers, chunks=400)
+    per_owner = 8
+    orders = []
+    for seed in range(3):
+        rng = random.Random(seed)
+        orders.append(pull_order(owners, per_owner, [rng.random() for _ in owners]))
+    for order in orders:
+        assert sorted(order) == list(range(400))
+        # An owner's n-th chunk is asked for in its (n // per_owner)-th round, never
+        # ahead of chunks some owner will have a round earlier.
+        rounds = []
+        for i in order:
+            place = [j for j in range(400) if owners[j] == owners[i]].index(i)
+            rounds.append(place // per_owner)
+        assert all(a <= b for a, b in itertools.pairwise(rounds))
+    # The first requests of three nodes are spread over every owner, not the same chunks.
+    assert len({owners[i] for i in orders[0][:16]}) == len(peers)
+    assert orders[0][:16] != orders[1][:16] != orders[2][:16]

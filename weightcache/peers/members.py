@@ -211,16 +211,18 @@ class Members:
         """The peers to ask for a chunk, best first: the rendezvous ranking up to this
         node's own place (past it, this node is the owner and asks the origin),
         without the peers down or avoided for now."""
+        return self.candidates_from(rank(chunk_key(digest, index), self.names))
+
+    def candidates_from(self, ranking: list[str]) -> list[str]:
+        """:meth:`candidates` from a ranking computed beforehand (the first few)."""
         now = self.clock.monotonic()
         with self._lock:
-            names, selves = self._names, self._selves
-            ranking = rank(chunk_key(digest, index), names)
             out = []
             for name in ranking:
-                if name in selves:
+                if name in self._selves:
                     break
-                peer = self._peers[name]
-                if peer.state != "up" and peer.until > now:
+                peer = self._peers.get(name)
+                if peer is not None and peer.state != "up" and peer.until > now:
                     continue
                 out.append(name)
             return out

@@ -16,6 +16,7 @@ uniformly whatever the names look like (sequential IPs, ports).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 
 from blake3 import blake3
@@ -42,3 +43,25 @@ def owner(key: str, peers: Sequence[str]) -> str:
     if not peers:
         raise ValueError("no peers to choose an owner from")
     return max(peers, key=lambda p: (weight(p, key), p))
+
+
+def top(key: str, peers: Iterable[str], n: int) -> list[str]:
+    """The first ``n`` of :func:`rank` (one weight per peer, no full sort)."""
+    return heapq.nlargest(n, peers, key=lambda p: (weight(p, key), p))
+
+
+def pull_order(owners: Sequence[str], per_owner: int, draw: Sequence[float]) -> list[int]:
+    """The order in which a node should ask for a blob's chunks, given each chunk's owner.
+
+    Each owner pulls its own chunks ``per_owner`` at a time in manifest order, so a
+    chunk is ready at its owner around its place there // ``per_owner``; asking in
+    that order, ties broken by ``draw`` (a random number per chunk, different on
+    every node), spreads the cluster's requests over every owner at once instead
+    of queueing the whole cluster at the owners of the first chunks.
+    """
+    seen: dict[str, int] = {}
+    ready: list[int] = []
+    for name in owners:
+        ready.append(seen.get(name, 0) // max(1, per_owner))
+        seen[name] = seen.get(name, 0) + 1
+    return sorted(range(len(owners)), key=lambda i: (ready[i] + draw[i], i))
