@@ -116,7 +116,7 @@ def _blobs_intact(cache: Path) -> list[str]:
 def test_three_nodes_cold_at_once_pull_the_model_from_the_origin_once(
     s3: Any, tmp_path: Path
 ) -> None:
-    ref, model, manifest, want = _publish(s3, tmp_path, "m", big=6 * CHUNK)
+    ref, model, manifest, want = _publish(s3, tmp_path, "m", big=12 * CHUNK)
     with cluster(tmp_path) as nodes:
         for node in nodes:
             selves = node.status()["peers"]["self"]
@@ -144,10 +144,12 @@ def test_three_nodes_cold_at_once_pull_the_model_from_the_origin_once(
         assert sum(origin) <= sent <= sum(origin) + 3 * 4 * manifest, (origin, sent)
         assert sum(from_peers) == sum(served), (from_peers, served)
         print(f"origin sent {sent / model:.3f}x the model; origin={origin} peers={from_peers}")
+        # The origin's work was shared (which node owns how much is the hash's draw).
+        assert sum(1 for o in origin if o > 0) >= 2, origin
         for s, node in zip(statuses, nodes, strict=True):
-            # Every node got the whole model, part from the origin and part from peers.
+            # Every node got the whole model, from the origin and from peers.
             assert s["counters"]["origin_bytes"] + s["counters"]["peer_bytes"] >= model
-            assert s["counters"]["peer_bytes"] > 0 and s["counters"]["origin_bytes"] > 0
+            assert s["counters"]["peer_bytes"] > 0
             for row in s["peers"]["members"]:
                 if row["self"] or row["url"] == "unknown":
                     continue
