@@ -33,8 +33,8 @@ Assumptions (every one a flag or a constant below):
   chunks. Bandwidths are decimal: 100 Gbit/s = 12.5e9 bytes/s.
 * nodes: a ``--nic-gbit`` NIC, full duplex (upload and download are separate
   capacities); the network core is non-blocking, so only the NICs and the
-  origin are bottlenecks. Disks, CPUs and memory never limit (an owner re-reads
-  and re-hashes a chunk for every request it serves: not modelled).
+  origin are bottlenecks. Disks, CPUs and memory never limit (an owner re-hashes
+  a chunk of a partial blob for every request it serves: not modelled).
 * origin: ``--origin-gbs`` GB/s in all; at most ``--origin-rps`` new requests a
   second (S3's 5,500 GET/s per prefix; a token bucket holding one second of
   them, full at the start); ``--origin-stream-gbs`` per request if set (S3
@@ -388,11 +388,10 @@ def notes(rows: list[Row], fleet: Fleet) -> list[str]:
             "chunk (the first few of `rank`), smaller chunks (`--chunk-mib 16`)."
         )
         out.append(
-            "Not modelled: an owner whose blob is still partial reads a chunk into memory and "
-            "hashes it again for every request it serves (`weightcache/peers/serve.py`), up to "
-            f"{hot_bytes / GIB:,.0f} GiB for the busiest owner above; and {n - 1:,} requests for "
-            "one chunk at once (as in *peers-in-order*) hold "
-            f"{(n - 1) * fleet.chunk_bytes / GIB:,.1f} GiB."
+            "Not modelled: an owner whose blob is still partial hashes a chunk again for every "
+            "request it serves, streaming it (`weightcache/peers/serve.py`: a descriptor per "
+            f"request, no chunk held in memory), up to {hot_bytes / GIB:,.0f} GiB hashed by the "
+            "busiest owner above."
         )
     return out
 

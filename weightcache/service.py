@@ -53,7 +53,7 @@ from weightcache.jobs import Job
 from weightcache.leases import Connection, Lease, LeaseTable
 from weightcache.locks import RevisionUses
 from weightcache.node import Node, Progress, Resolved, disk_errors
-from weightcache.peers.serve import ChunkBytes, serve_range
+from weightcache.peers.serve import ChunkFile, serve_range
 from weightcache.prefetch import Prefetching
 from weightcache.refs import Ref
 from weightcache.results import Ensured
@@ -817,7 +817,7 @@ class Service:
         if self.node.peers is not None:
             self.node.peers.members.note_sent(peer, n)
 
-    async def serve_chunk(self, digest: str, first: int, last: int | None, ref: str) -> ChunkBytes:
+    async def serve_chunk(self, digest: str, first: int, last: int | None, ref: str) -> ChunkFile:
         """Verified bytes of a blob not committed here, for a peer (see
         :mod:`weightcache.peers.serve`)."""
         wait_s = self.cfg.peers.wait_s

@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import re
 import secrets
 import socket
@@ -51,6 +52,7 @@ from weightcache.errors import (
     WeightcacheError,
 )
 from weightcache.hashing import is_digest
+from weightcache.peers.serve import ChunkFile
 from weightcache.peers.transport import NODE_HEADER, PEER_HEADER
 from weightcache.service import EnsureResult, ProgressEvent, Service
 
@@ -622,18 +624,44 @@ async def blob(request: web.Request) -> web.StreamResponse:
             raise
         first, last = _chunk_range(request)
         chunk = await service.serve_chunk(digest, first, last, ref)
-        end = chunk.offset + len(chunk.data) - 1
-        resp = web.Response(
-            status=206,
-            body=chunk.data,
-            headers={
-                "Content-Type": "application/octet-stream",
-                "Content-Range": f"bytes {chunk.offset}-{end}/{chunk.total}",
-            },
-        )
-        service.note_peer_bytes(len(chunk.data), peer)
-        return resp
+        try:
+            return await _send_chunk(
+                request, chunk, functools.partial(service.note_peer_bytes, peer=peer)
+            )
+        finally:
+            os.close(chunk.fd)
     return _BlobResponse(path, functools.partial(service.note_peer_bytes, peer=peer))
+
+
+#: a chunk is sent in pieces of this size, read as they go out
+_SEND_PIECE = 1 << 20
+
+
+async def _send_chunk(
+    request: web.Request, chunk: ChunkFile, on_sent: Callable[[int], None]
+) -> web.StreamResponse:
+    end = chunk.offset + chunk.length - 1
+    resp = web.StreamResponse(
+        status=206,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"bytes {chunk.offset}-{end}/{chunk.total}",
+        },
+    )
+    resp.content_length = chunk.length
+    await resp.prepare(request)
+    sent = 0
+    while sent < chunk.length:
+        piece = await asyncio.to_thread(
+            os.pread, chunk.fd, min(_SEND_PIECE, chunk.length - sent), chunk.offset + sent
+        )
+        if not piece:
+            break  # cannot happen for a verified chunk; the peer sees a short body
+        await resp.write(piece)
+        sent += len(piece)
+    await resp.write_eof()
+    on_sent(sent)
+    return resp
 
 
 def _chunk_range(request: web.Request) -> tuple[int, int | None]:

@@ -18,6 +18,9 @@ so this node can find the chunk's digest in the manifest; then, in order:
 
 Nothing is served that did not hash to its manifest digest just before it was
 sent; a chunk that does not is ``peer_busy`` (and fetched again next time).
+The check streams the chunk through the hasher and the answer streams it
+again from an open descriptor (the page cache has it), so an owner asked by
+many peers at once holds a descriptor per request, never a chunk in memory.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from weightcache.errors import (
     ShuttingDown,
     WeightcacheError,
 )
-from weightcache.hashing import Hasher, is_digest
+from weightcache.hashing import digest_range, is_digest
 from weightcache.manifest import FileEntry
 from weightcache.node import Node
 from weightcache.origin import join_key
@@ -47,16 +50,20 @@ _ROUNDS = 3
 
 
 @dataclass(frozen=True, slots=True)
-class ChunkBytes:
-    data: bytes
-    #: where ``data`` starts in the blob, and the blob's size (for Content-Range)
+class ChunkFile:
+    """Verified bytes to send: ``length`` bytes at ``offset`` of an open descriptor
+    (the committed blob or the part file; the caller closes it)."""
+
+    fd: int
     offset: int
+    length: int
+    #: the blob's size (for Content-Range)
     total: int
 
 
 async def serve_range(
     node: Node, digest: str, first: int, last: int | None, ref_text: str, wait_s: float
-) -> ChunkBytes:
+) -> ChunkFile:
     """Bytes ``first..last`` (inclusive; None: to the chunk's end) of blob ``digest``,
     inside one chunk, verified (see the module docstring)."""
     entry = await _entry(node, digest, ref_text)
@@ -78,8 +85,11 @@ async def serve_range(
     deadline = loop.time() + wait_s
     for _ in range(_ROUNDS):
         if await node.hop(node.store.has_blob, digest, entry.size):
-            data = await node.hop(_read, node.store.blob_path(digest), first, end - first + 1)
-            return ChunkBytes(data, first, entry.size)
+            try:
+                fd = await node.hop(os.open, node.store.blob_path(digest), os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # evicted meanwhile: look again
+            return ChunkFile(fd, first, end - first + 1, entry.size)
         writer = node.writers.get(digest)
         flight = writer.flights.get(index) if writer is not None else None
         if flight is not None:
@@ -100,9 +110,9 @@ async def serve_range(
                     chunk=index,
                 ) from None
             continue
-        chunk = await node.hop(_verified_chunk, node, entry, index)
-        if chunk is not None:
-            return ChunkBytes(chunk[first - offset : end - offset + 1], first, entry.size)
+        part = await node.hop(_verified_chunk, node, entry, index)
+        if part is not None:
+            return ChunkFile(part, first, end - first + 1, entry.size)
         await _pull_for_peer(node, entry, index, ref_text)
     raise PeerBusy(f"chunk {index} of blob {digest[:16]} is not ready here", digest=digest)
 
@@ -171,23 +181,14 @@ async def _pull_for_peer(node: Node, entry: FileEntry, index: int, ref_text: str
         await node.let_go_writer(digest, entry.size)
 
 
-def _read(path: os.PathLike[str], offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-
-
-def _verified_chunk(node: Node, entry: FileEntry, index: int) -> bytes | None:
-    """The chunk from the part file if it hashes right (worker thread)."""
+def _verified_chunk(node: Node, entry: FileEntry, index: int) -> int | None:
+    """An open descriptor of the part file if the chunk in it hashes right (worker thread)."""
     offset, length = entry.chunk_range(index)
     try:
-        data = _read(node.store.partial_paths(entry.blake3).part, offset, length)
+        fd = os.open(node.store.partial_paths(entry.blake3).part, os.O_RDONLY)
     except FileNotFoundError:
         return None
-    if len(data) != length:
-        return None
-    hasher = Hasher()
-    hasher.update(data)
-    return data if hasher.hexdigest() == entry.chunks[index] else None
+    if digest_range(fd, offset, length) == entry.chunks[index]:
+        return fd
+    os.close(fd)
+    return None
