@@ -169,7 +169,8 @@ class FetchStats:
 
 
 class Transfers:
-    """The origin transfers in flight, so that the event loop can unblock them.
+    """The transfers in flight (from the origin or from peers), so that the event
+    loop can unblock them.
 
     One per node, shared by every :class:`Fetcher` of it (``Fetcher(...,
     transfers=node_transfers)``); a Fetcher made without one has its own.
@@ -240,35 +241,62 @@ class Flight:
     done: asyncio.Future[bool]
 
 
+#: a chunk as flights know it: (offset, length, BLAKE3) — not its index, since two
+#: manifests may cut the same blob into chunks differently
+ChunkId = tuple[int, int, str]
+
+
+def chunk_id(entry: FileEntry, index: int) -> ChunkId:
+    offset, length = entry.chunk_range(index)
+    return offset, length, entry.chunks[index]
+
+
 class ChunkFlights:
     """The chunks of one blob in flight in this process, one fetch each.
 
     Shared by the blob's own pull and by peers asking for its chunks: whoever
-    comes second waits for the first (:meth:`run`), and a peer's request can wait
-    for a chunk the origin is sending (:meth:`get`). Lives on the event loop.
+    comes second waits for the first (:meth:`run`), a chunk already brought is
+    not fetched again, and a peer's request can wait for a chunk the origin is
+    sending (:meth:`get`). Once the blob's pull is committing (:attr:`closed`),
+    nothing more is fetched into its part file. Lives on the event loop.
     """
 
     def __init__(self) -> None:
-        self._live: dict[int, Flight] = {}
+        self._live: dict[ChunkId, Flight] = {}
+        self._done: set[ChunkId] = set()
+        self.closed = False
 
-    def get(self, index: int) -> Flight | None:
-        return self._live.get(index)
+    def get(self, chunk: ChunkId) -> Flight | None:
+        return self._live.get(chunk)
 
-    async def run(self, index: int, fetch: Callable[[Flight], Awaitable[None]]) -> None:
-        """Fetch chunk ``index`` with ``fetch`` unless another fetch of it is running,
-        then wait for that one instead (and fetch it after all if that one failed)."""
-        while (other := self._live.get(index)) is not None:
+    def forget(self, chunks: list[ChunkId]) -> None:
+        """These chunks must be fetched again (they failed a later check)."""
+        self._done.difference_update(chunks)
+        self.closed = False
+
+    async def run(self, chunk: ChunkId, fetch: Callable[[Flight], Awaitable[None]]) -> bool:
+        """Fetch ``chunk`` with ``fetch`` unless it was brought already or another fetch
+        of it is running, then wait for that one instead (and fetch it after all if
+        that one failed). True if this call fetched it."""
+        while True:
+            if self.closed or chunk in self._done:
+                return False
+            other = self._live.get(chunk)
+            if other is None:
+                break
             if await asyncio.shield(other.done):
-                return
+                return False
         flight = Flight("", asyncio.get_running_loop().create_future())
-        self._live[index] = flight
+        self._live[chunk] = flight
         ok = False
         try:
             await fetch(flight)
             ok = True
+            self._done.add(chunk)
         finally:
-            del self._live[index]
+            del self._live[chunk]
             flight.done.set_result(ok)
+        return True
 
 
 class _ChunkHashMismatch(Exception):
@@ -353,6 +381,7 @@ class Fetcher:
         todo = [i for i in range(len(entry.chunks)) if i not in done]
         for _round in range(2):
             await self._fetch_chunks(origin, key, entry, todo, stats, on_bytes, started, flights)
+            flights.closed = True  # no peer's request writes into the part file now
             try:
                 await self._hop(self.store.commit_blob, digest, entry.size)
                 return
@@ -362,6 +391,7 @@ class Fetcher:
                 # is inconsistent. Re-check each chunk and fetch the bad ones once.
                 good = await self._hop(self._verified_chunks, entry, True)
                 todo = [i for i in range(len(entry.chunks)) if i not in good]
+                flights.forget([chunk_id(entry, i) for i in todo])
                 started = {}
                 if not todo:
                     break
@@ -430,7 +460,7 @@ class Fetcher:
                     origin, key, entry, index, stats, on_bytes, started.get(index, 0), flight, plan
                 )
 
-            await flights.run(index, fetch)
+            await flights.run(chunk_id(entry, index), fetch)
             if not fetched and on_bytes:
                 on_bytes(entry.chunk_range(index)[1])  # a peer's request brought it
 
@@ -459,17 +489,19 @@ class Fetcher:
     ) -> None:
         """Bring one chunk into the part file (for a peer that asked for it); the
         caller holds the blob's lock and has checked it is not there yet. The part
-        file stays sparse: only the chunks pulled take disk."""
-        await self._hop(
-            functools.partial(self.store.open_part, entry.blake3, entry.size, preallocate=False)
-        )
-        recorded = (await self._hop(self.store.read_progress, entry.blake3)).get(index, 0)
-        recorded = recorded if 0 < recorded <= entry.chunk_range(index)[1] else 0
+        file stays sparse: only the chunks pulled take disk. Nothing is fetched once
+        the blob's own pull is committing, or if another fetch brought the chunk."""
 
         async def fetch(flight: Flight) -> None:
+            flight.source = "origin"
+            await self._hop(
+                functools.partial(self.store.open_part, entry.blake3, entry.size, preallocate=False)
+            )
+            recorded = (await self._hop(self.store.read_progress, entry.blake3)).get(index, 0)
+            recorded = recorded if 0 < recorded <= entry.chunk_range(index)[1] else 0
             await self._chunk(origin, key, entry, index, stats, None, recorded, flight)
 
-        await flights.run(index, fetch)
+        await flights.run(chunk_id(entry, index), fetch)
 
     async def _chunk(
         self,
@@ -594,8 +626,9 @@ class Fetcher:
         (``source``: whose counter the bytes go to), in a worker thread; raises what
         :meth:`_transfer` raises, and :class:`ShuttingDown` if the node aborted it."""
         abort = self.transfers.start()
+        executor = self.peers.executor if source == "peer" and self.peers else self.executor
         job = asyncio.get_running_loop().run_in_executor(
-            self.executor,
+            executor,
             self._transfer,
             origin,
             key,

@@ -122,6 +122,9 @@ class PeerSetup:
     members: Any  # weightcache.peers.members.Members
     client: Any  # weightcache.peers.transport.PeerClient
     slots: PrioritySlots
+    #: threads of their own for peer transfers: one may wait at its owner up to
+    #: ``peers.wait_s``, and must not hold a thread an origin transfer needs
+    executor: ThreadPoolExecutor
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,8 @@ class Node:
         self.peers: PeerSetup | None = None
         #: origin bytes pulled for peers that asked for chunks this node did not have
         self.peer_pull_stats = FetchStats()
+        #: those pulls, which outlive a request that stopped waiting for them
+        self.peer_tasks: set[asyncio.Task[None]] = set()
 
     async def origin(self, ref: Ref) -> tuple[Origin, str]:
         """The origin a ref lives in (one per bucket or directory, connections reused)
@@ -198,10 +203,15 @@ class Node:
         """Finish or cancel pulls still running (their threads write verified chunks
         to the chunk log as they go), then release threads and the index."""
         await self._blob_flight.cancel_all(grace_s)
+        for task in list(self.peer_tasks):
+            task.cancel()
+        await asyncio.gather(*self.peer_tasks, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(None, self._close_blocking)
 
     def _close_blocking(self) -> None:
         self.transfers.shutdown(wait=True)
+        if self.peers is not None:
+            self.peers.executor.shutdown(wait=True)
         self.executor.shutdown(wait=True)
         if self._slots is not None:
             self._slots.node_slots.close()
@@ -249,7 +259,13 @@ class Node:
         if self.peers is not None and route_ref is not None:
             from weightcache.peers.route import PeerRoute
 
-            route = PeerRoute(self.peers.members, self.peers.client, route_ref, self.peers.slots)
+            route = PeerRoute(
+                self.peers.members,
+                self.peers.client,
+                route_ref,
+                self.peers.slots,
+                self.peers.executor,
+            )
         return Fetcher(
             store=self.store,
             policy=self.cfg.fetch,

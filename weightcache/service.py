@@ -215,19 +215,22 @@ class Service:
             await self.hop(node.index.delete, ("lease", stale))
         for stale in self.prefetching.load(loaded):
             await self.hop(node.index.delete, ("pin", stale))
-        self._tasks = [
-            asyncio.create_task(self._reaper(), name="weightcache-lease-reaper"),
-            *self.prefetching.tasks(),
-            asyncio.create_task(self._resume_pulls(), name="weightcache-resume"),
-            asyncio.create_task(self._sweeper(), name="weightcache-partial-sweeper"),
-        ]
+        # Peers first: pulls resumed or started below already ask them.
+        peer_tasks = []
         if self.cfg.peers.enabled:
             from weightcache.peers import setup
 
             node.peers = await self.hop(setup.make_setup, self.cfg, self.clock)
             if self.cfg.peers.dns:
                 refresh = setup.refresh_forever(node.peers, self.cfg, self.clock)
-                self._tasks.append(asyncio.create_task(refresh, name="weightcache-peers"))
+                peer_tasks.append(asyncio.create_task(refresh, name="weightcache-peers"))
+        self._tasks = [
+            *peer_tasks,
+            asyncio.create_task(self._reaper(), name="weightcache-lease-reaper"),
+            *self.prefetching.tasks(),
+            asyncio.create_task(self._resume_pulls(), name="weightcache-resume"),
+            asyncio.create_task(self._sweeper(), name="weightcache-partial-sweeper"),
+        ]
         log.info(
             "service.started node=%s cache=%s jobs=%d leases=%d",
             self.node_name,
@@ -259,6 +262,8 @@ class Service:
             log.warning("service.pulls_not_stopped after_s=%.1f", CANCEL_GRACE_S)
         await self.prefetching.close()
         await asyncio.gather(*self._chores, return_exceptions=True)
+        # Transfers no pull owns (chunks pulled for peers) are unblocked too.
+        self.node.in_flight.abort_all()
         if self.node.peers is not None:
             self.node.peers.client.close()
         self.uses.close()
@@ -820,6 +825,8 @@ class Service:
     async def serve_chunk(self, digest: str, first: int, last: int | None, ref: str) -> ChunkFile:
         """Verified bytes of a blob not committed here, for a peer (see
         :mod:`weightcache.peers.serve`)."""
+        if self._closing:
+            raise ShuttingDown("the daemon is stopping: ask another peer")
         wait_s = self.cfg.peers.wait_s
         return await serve_range(self.node, digest, first, last, ref, wait_s)
 

@@ -360,6 +360,7 @@ def test_prefetches_started_node_after_node_still_pull_the_model_from_the_origin
                 assert digest_file(f["local_path"]) == f["blake3"], (node.name, f["path"])
         sent = s3.sent_bytes() - before
         assert sent <= 1.10 * model + 3 * 4 * manifest, (sent / model, sent, model)
-        # The later nodes found most of what they needed at the earlier ones.
-        assert nodes[2].status()["counters"]["peer_bytes"] > model / 2
+        # The nodes took from each other what they did not own: about 2/3 of the model
+        # each (which share a node owns is the hash's draw).
+        assert sum(n.status()["counters"]["peer_bytes"] for n in nodes) > model
         print(f"staggered prefetch: origin sent {sent / model:.3f}x the model")

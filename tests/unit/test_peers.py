@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import random
 import socket
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.clocks import ManualClock
 from tests.support.daemon import free_port
 from tests.support.published import cache_config
-from weightcache.config import PeersConfig, load_config
+from weightcache.config import FetchConfig, PeersConfig, load_config
 from weightcache.errors import ConfigInvalid
+from weightcache.fetch import ChunkFlights, Fetcher, FetchStats
+from weightcache.hashing import digest_stream
+from weightcache.manifest import FileEntry
 from weightcache.node import Node
+from weightcache.origin.file import FileOrigin
 from weightcache.peers.members import Members, normalize
 from weightcache.peers.rendezvous import chunk_key, owner, pull_order, rank, top
 from weightcache.peers.setup import check_peers
-from weightcache.store import BlobLock
+from weightcache.store import BlobLock, Store
 
 DIGEST = "ab" * 32
 
@@ -255,3 +265,93 @@ def test_each_node_asks_by_when_the_owner_will_have_the_chunk_in_an_order_of_its
     # The first requests of three nodes are spread over every owner, not the same chunks.
     assert len({owners[i] for i in orders[0][:16]}) == len(peers)
     assert orders[0][:16] != orders[1][:16] != orders[2][:16]
+
+
+class _CountingOrigin:
+    """A file origin that records every range asked of it."""
+
+    def __init__(self, root: Path) -> None:
+        self.inner = FileOrigin(root)
+        self.name = self.inner.name
+        self.requests: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def open_range(self, key: str, offset: int, length: int) -> Iterator[Iterator[bytes]]:
+        with self._lock:
+            self.requests.append((offset, length))
+        with self.inner.open_range(key, offset, length) as pieces:
+            yield pieces
+
+
+async def test_a_chunk_pulled_for_a_peer_during_the_blobs_own_pull_is_not_pulled_again(
+    tmp_path: Path,
+) -> None:
+    chunk, data = 4096, random.Random(7).randbytes(3 * 4096)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "w.bin").write_bytes(data)
+    d = digest_stream([data], chunk)
+    entry = FileEntry("w.bin", d.size, d.blake3, chunk, d.chunks)
+    store = Store(tmp_path / "c")
+    store.ensure_layout()
+    origin = _CountingOrigin(tmp_path / "o")
+    flights = ChunkFlights()
+    with ThreadPoolExecutor(4) as pool:
+        fetcher = Fetcher(store=store, policy=FetchConfig(concurrency=3), executor=pool)
+        loop = asyncio.get_running_loop()
+        peer_done = asyncio.Event()
+        resume_state = fetcher._resume_state
+
+        def late_resume(e: FileEntry) -> tuple[set[int], dict[int, int]]:
+            # The own pull looks at the disk while chunk 0 is missing, then a peer's
+            # request brings chunk 0 before the own pull gets to it.
+            state = resume_state(e)
+            asyncio.run_coroutine_threadsafe(peer_done.wait(), loop).result()
+            return state
+
+        fetcher._resume_state = late_resume  # type: ignore[method-assign]
+
+        async def peer() -> None:
+            await asyncio.sleep(0.05)
+            await fetcher.fetch_chunk(origin, "w.bin", entry, 0, FetchStats(), flights)
+            peer_done.set()
+
+        await asyncio.gather(
+            fetcher.fetch(origin, "w.bin", entry, FetchStats(), None, flights), peer()
+        )
+    assert sorted(origin.requests) == [(0, 4096), (4096, 4096), (8192, 4096)]
+    assert store.blob_path(d.blake3).read_bytes() == data
+
+
+async def test_chunk_flights_are_per_byte_range_and_digest_and_stop_at_the_commit() -> None:
+    flights = ChunkFlights()
+    fetched: list[tuple[int, int, str]] = []
+
+    def fetch_of(chunk: tuple[int, int, str], fail: bool = False) -> Any:
+        async def fetch(flight: Any) -> None:
+            await asyncio.sleep(0.01)
+            if fail:
+                raise OSError("the first fetch fails")
+            fetched.append(chunk)
+
+        return fetch
+
+    a = (0, 4096, "a" * 64)
+    assert await flights.run(a, fetch_of(a))
+    assert not await flights.run(a, fetch_of(a))  # brought already
+    # The same bytes cut another way by another manifest are another chunk.
+    other = (0, 2048, "b" * 64)
+    assert await flights.run(other, fetch_of(other))
+    # Two at once: one fetches, the other waits for it; after a failure the waiter fetches.
+    c = (4096, 4096, "c" * 64)
+    first = asyncio.ensure_future(flights.run(c, fetch_of(c, fail=True)))
+    second = asyncio.ensure_future(flights.run(c, fetch_of(c)))
+    with pytest.raises(OSError):
+        await first
+    assert await second
+    assert fetched == [a, other, c]
+    flights.closed = True  # the blob's pull is committing: nothing more is written
+    assert not await flights.run((8192, 10, "d" * 64), fetch_of(c))
+    flights.forget([a])  # a later check found it bad
+    assert await flights.run(a, fetch_of(a))
+    assert fetched == [a, other, c, a]

@@ -624,12 +624,9 @@ async def blob(request: web.Request) -> web.StreamResponse:
             raise
         first, last = _chunk_range(request)
         chunk = await service.serve_chunk(digest, first, last, ref)
-        try:
-            return await _send_chunk(
-                request, chunk, functools.partial(service.note_peer_bytes, peer=peer)
-            )
-        finally:
-            os.close(chunk.fd)
+        return await _send_chunk(
+            request, chunk, functools.partial(service.note_peer_bytes, peer=peer)
+        )
     return _BlobResponse(path, functools.partial(service.note_peer_bytes, peer=peer))
 
 
@@ -640,27 +637,38 @@ _SEND_PIECE = 1 << 20
 async def _send_chunk(
     request: web.Request, chunk: ChunkFile, on_sent: Callable[[int], None]
 ) -> web.StreamResponse:
-    end = chunk.offset + chunk.length - 1
-    resp = web.StreamResponse(
-        status=206,
-        headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Range": f"bytes {chunk.offset}-{end}/{chunk.total}",
-        },
-    )
-    resp.content_length = chunk.length
-    await resp.prepare(request)
+    """Stream a verified chunk from its descriptor, which this closes whatever happens
+    (after the read in flight, if the peer went away during one)."""
+    pending: asyncio.Future[bytes] | None = None
     sent = 0
-    while sent < chunk.length:
-        piece = await asyncio.to_thread(
-            os.pread, chunk.fd, min(_SEND_PIECE, chunk.length - sent), chunk.offset + sent
+    try:
+        end = chunk.offset + chunk.length - 1
+        resp = web.StreamResponse(
+            status=206,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"bytes {chunk.offset}-{end}/{chunk.total}",
+            },
         )
-        if not piece:
-            break  # cannot happen for a verified chunk; the peer sees a short body
-        await resp.write(piece)
-        sent += len(piece)
-    await resp.write_eof()
-    on_sent(sent)
+        resp.content_length = chunk.length
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        while sent < chunk.length:
+            size = min(_SEND_PIECE, chunk.length - sent)
+            pending = loop.run_in_executor(None, os.pread, chunk.fd, size, chunk.offset + sent)
+            piece = await pending
+            pending = None
+            if not piece:
+                break  # cannot happen for a verified chunk; the peer sees a short body
+            await resp.write(piece)
+            sent += len(piece)
+        await resp.write_eof()
+    finally:
+        if pending is not None and not pending.done():
+            pending.add_done_callback(lambda _: os.close(chunk.fd))
+        else:
+            os.close(chunk.fd)
+        on_sent(sent)
     return resp
 
 

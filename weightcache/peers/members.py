@@ -158,7 +158,7 @@ class Members:
             return False
         try:
             addresses = self._resolver(self.cfg.dns, self.cfg.port)
-        except OSError as exc:
+        except (OSError, ValueError, UnicodeError) as exc:
             self.refresh_error = f"{self.cfg.dns}: {exc}"
             log.warning("peers.dns_failed name=%s error=%s", self.cfg.dns, exc)
             return False
@@ -260,8 +260,12 @@ class Members:
 
     def note_sent(self, url: str, nbytes: int) -> None:
         """Bytes this node served to the peer that named itself ``url``."""
+        try:
+            name = normalize(url) if url else ""
+        except ValueError:  # a header that is no URL: counted, as from nobody known
+            name = ""
         with self._lock:
-            peer = self._peers.get(normalize(url)) if url else None
+            peer = self._peers.get(name) if name else None
             if peer is None:
                 peer = self._peers.setdefault("unknown", Peer("unknown"))
             peer.bytes_out += nbytes

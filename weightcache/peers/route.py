@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from weightcache.peers.members import Members
@@ -33,6 +34,8 @@ class PeerRoute:
     #: slot waited on a peer that itself waits on this node's origin chunks would
     #: stall the cluster until ``peers.wait_s``.
     slots: PrioritySlots
+    #: the threads peer transfers run in (never the origin transfers' threads)
+    executor: Executor
 
     def plan(self, digest: str, chunks: int, per_owner: int, rng: random.Random) -> BlobPlan:
         """Each chunk's first owners and the order to ask for them (blocking: one

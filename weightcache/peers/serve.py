@@ -10,14 +10,15 @@ so this node can find the chunk's digest in the manifest; then, in order:
    ``peers.wait_s``;
 2. it is on its way from another peer: answer ``peer_busy`` at once, so that
    two nodes whose views of the cluster differ never wait on each other;
-3. it is in the part file: read it and check its BLAKE3 (the chunk log is
-   only a hint), then serve it;
+3. it is in the part file: check its BLAKE3 (the chunk log is only a hint),
+   then serve it; a chunk there that does not hash right is treated as absent;
 4. it is nowhere: pull it from the origin (only the origin: a chunk pulled for
    a peer never asks another peer) into the part file, then serve it. The
    bytes stay as a verified chunk for this node's own pull later.
 
 Nothing is served that did not hash to its manifest digest just before it was
-sent; a chunk that does not is ``peer_busy`` (and fetched again next time).
+sent. Step 4 is waited for until ``peers.wait_s`` too; past it the asker hears
+``peer_busy`` and the pull goes on, for the next asker.
 The check streams the chunk through the hasher and the answer streams it
 again from an open descriptor (the page cache has it), so an owner asked by
 many peers at once holds a descriptor per request, never a chunk in memory.
@@ -37,11 +38,13 @@ from weightcache.errors import (
     ShuttingDown,
     WeightcacheError,
 )
+from weightcache.fetch import chunk_id
 from weightcache.hashing import digest_range, is_digest
 from weightcache.manifest import FileEntry
 from weightcache.node import Node
 from weightcache.origin import join_key
 from weightcache.scheduler import Priority
+from weightcache.store import disk_errors
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ async def serve_range(
                 continue  # evicted meanwhile: look again
             return ChunkFile(fd, first, end - first + 1, entry.size)
         writer = node.writers.get(digest)
-        flight = writer.flights.get(index) if writer is not None else None
+        flight = writer.flights.get(chunk_id(entry, index)) if writer is not None else None
         if flight is not None:
             if flight.source not in ("", "origin"):
                 raise PeerBusy(
@@ -110,10 +113,13 @@ async def serve_range(
                     chunk=index,
                 ) from None
             continue
-        part = await node.hop(_verified_chunk, node, entry, index)
+        # Hashing a chunk is transfer work: the transfer threads, not the metadata ones.
+        part = await asyncio.get_running_loop().run_in_executor(
+            node.transfers, _verified_chunk, node, entry, index
+        )
         if part is not None:
             return ChunkFile(part, first, end - first + 1, entry.size)
-        await _pull_for_peer(node, entry, index, ref_text)
+        await _pull_for_peer(node, entry, index, ref_text, deadline)
     raise PeerBusy(f"chunk {index} of blob {digest[:16]} is not ready here", digest=digest)
 
 
@@ -132,32 +138,59 @@ async def _entry(node: Node, digest: str, ref_text: str) -> FileEntry:
     raise NotFound(f"revision {ref.rev[:16]} has no blob {digest}", digest=digest)
 
 
-async def _pull_for_peer(node: Node, entry: FileEntry, index: int, ref_text: str) -> None:
-    """Bring chunk ``index`` from the origin into this node's part file."""
-    digest = entry.blake3
-    writer = await node.hold_writer(digest, entry.size, wait=False)
-    if writer is None:
-        if await node.hop(node.store.has_blob, digest, entry.size):
-            return
-        raise PeerBusy(f"another process on this node is pulling blob {digest[:16]}", digest=digest)
+async def _pull_for_peer(
+    node: Node, entry: FileEntry, index: int, ref_text: str, deadline: float
+) -> None:
+    """Bring chunk ``index`` from the origin into this node's part file, waiting for
+    it until ``deadline`` (loop time); past it the asker hears ``peer_busy`` while
+    the pull goes on, so the chunk is here for the next asker."""
+    task = asyncio.ensure_future(_bring(node, entry, index, ref_text))
+    node.peer_tasks.add(task)
+    task.add_done_callback(_settled)
+    remaining = deadline - asyncio.get_running_loop().time()
     try:
-        if writer.flights.get(index) is not None:
-            return  # someone started it meanwhile: the caller waits for it
-        if await node.hop(node.store.has_blob, digest, entry.size):
-            return
-        length = entry.chunk_range(index)[1]
-        free = await node.hop(node.store.free_bytes)
-        if free - length < node.cfg.cache.reserve_bytes:
+        await asyncio.wait_for(asyncio.shield(task), max(0.0, remaining))
+    except TimeoutError:
+        raise PeerBusy(
+            f"chunk {index} of blob {entry.blake3[:16]} is still on its way from the origin",
+            digest=entry.blake3,
+            chunk=index,
+        ) from None
+
+
+def _settled(task: asyncio.Task[None]) -> None:
+    # Nobody may be waiting any more (the asker timed out): the outcome is logged here.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.info("peers.pull_for_peer_failed error=%s", exc)
+
+
+async def _bring(node: Node, entry: FileEntry, index: int, ref_text: str) -> None:
+    digest = entry.blake3
+    try:
+        writer = await node.hold_writer(digest, entry.size, wait=False)
+        if writer is None:
+            if await node.hop(node.store.has_blob, digest, entry.size):
+                return
             raise PeerBusy(
-                f"no room to pull chunk {index} of blob {digest[:16]} for a peer: "
-                f"{free} bytes free, cache.reserve_bytes is {node.cfg.cache.reserve_bytes}",
-                digest=digest,
+                f"another process on this node is pulling blob {digest[:16]}", digest=digest
             )
-        ref = node.parse(ref_text)
-        origin, prefix = await node.origin(ref)
-        fetcher = node.fetcher_for_peers(Priority.WORKER)
-        log.info("peers.pull_for_peer blob=%s chunk=%d", digest[:16], index)
         try:
+            if writer.flights.get(chunk_id(entry, index)) is not None:
+                return  # someone started it meanwhile: the caller waits for it
+            if await node.hop(node.store.has_blob, digest, entry.size):
+                return
+            length = entry.chunk_range(index)[1]
+            free = await node.hop(node.store.free_bytes)
+            if free - length < node.cfg.cache.reserve_bytes:
+                raise PeerBusy(
+                    f"no room to pull chunk {index} of blob {digest[:16]} for a peer: "
+                    f"{free} bytes free, cache.reserve_bytes is {node.cfg.cache.reserve_bytes}",
+                    digest=digest,
+                )
+            ref = node.parse(ref_text)
+            origin, prefix = await node.origin(ref)
+            fetcher = node.fetcher_for_peers(Priority.WORKER)
+            log.info("peers.pull_for_peer blob=%s chunk=%d", digest[:16], index)
             await fetcher.fetch_chunk(
                 origin,
                 join_key(prefix, entry.path),
@@ -166,29 +199,37 @@ async def _pull_for_peer(node: Node, entry: FileEntry, index: int, ref_text: str
                 node.peer_pull_stats,
                 writer.flights,
             )
-        except (ShuttingDown, asyncio.CancelledError):
-            raise
-        except WeightcacheError as exc:
-            # The origin's trouble, not this peer's: the asker moves on without
-            # counting it against this node.
-            raise PeerBusy(
-                f"chunk {index} of blob {digest[:16]} could not be pulled for the peer: "
-                f"{exc.message}",
-                digest=digest,
-                cause=exc.code,
-            ) from exc
-    finally:
-        await node.let_go_writer(digest, entry.size)
+        finally:
+            await node.let_go_writer(digest, entry.size)
+    except (ShuttingDown, asyncio.CancelledError):
+        raise
+    except PeerBusy:
+        raise
+    except WeightcacheError as exc:
+        # The origin's trouble, not this peer's: the asker moves on without
+        # counting it against this node.
+        raise PeerBusy(
+            f"chunk {index} of blob {digest[:16]} could not be pulled for the peer: {exc.message}",
+            digest=digest,
+            cause=exc.code,
+        ) from exc
 
 
 def _verified_chunk(node: Node, entry: FileEntry, index: int) -> int | None:
     """An open descriptor of the part file if the chunk in it hashes right (worker thread)."""
     offset, length = entry.chunk_range(index)
+    part = node.store.partial_paths(entry.blake3).part
     try:
-        fd = os.open(node.store.partial_paths(entry.blake3).part, os.O_RDONLY)
+        fd = os.open(part, os.O_RDONLY)
     except FileNotFoundError:
         return None
-    if digest_range(fd, offset, length) == entry.chunks[index]:
+    try:
+        with disk_errors(part, "re-hashing a chunk for a peer in"):
+            good = digest_range(fd, offset, length) == entry.chunks[index]
+    except BaseException:
+        os.close(fd)
+        raise
+    if good:
         return fd
     os.close(fd)
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from weightcache.aio import Clock
 from weightcache.config import Config
@@ -56,7 +57,8 @@ def make_setup(cfg: Config, clock: Clock, *, resolver: Resolver = resolve_addres
         ",".join(members.self_urls) or "-",
         f"dns:{p.dns}" if p.dns else "urls",
     )
-    return PeerSetup(members, client, PrioritySlots(p.concurrency))
+    executor = ThreadPoolExecutor(max_workers=p.concurrency, thread_name_prefix="weightcache-peer")
+    return PeerSetup(members, client, PrioritySlots(p.concurrency), executor)
 
 
 def own_url(members: Members, cfg: Config) -> str:
