@@ -65,9 +65,23 @@ def normalize(url: str) -> str:
     return f"{parts.scheme}://{host}:{parts.port}"
 
 
+def _nonlocal_bind(family: int) -> bool:
+    """True where the kernel lets a socket bind any address (then binding proves nothing)."""
+    name = "ipv6" if family == socket.AF_INET6 else "ipv4"
+    try:
+        with open(f"/proc/sys/net/{name}/ip_nonlocal_bind") as fh:
+            return fh.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def _is_local_address(address: str) -> bool:
-    """True if this machine owns ``address`` (binding to it succeeds)."""
+    """True if this machine owns ``address`` (binding to it succeeds). Where any
+    address binds (``ip_nonlocal_bind``), only loopback counts; the node id in every
+    answer still tells a node its own URL."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    if _nonlocal_bind(family):
+        return address in ("127.0.0.1", "::1")
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind((address, 0))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 
 from weightcache.errors import (
@@ -230,6 +231,9 @@ def _verified_chunk(node: Node, entry: FileEntry, index: int) -> int | None:
         os.close(fd)
         raise
     if good:
+        # Served is used: the sweep of idle partial downloads goes by this time.
+        with suppress(OSError):
+            os.utime(fd)
         return fd
     os.close(fd)
     return None
