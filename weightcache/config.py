@@ -22,7 +22,7 @@ import os
 import re
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,7 +442,7 @@ def _check(cfg: Config) -> list[tuple[str, str]]:
         pf.history_max_models,
     )
     need(_zone_ok(pf.tz), "prefetch.tz", "must be an IANA time zone such as UTC", pf.tz)
-    problems += _check_peers(cfg.peers)
+    _check_peers(cfg.peers, need)
     s3 = cfg.s3
     need(
         s3.endpoint_url.startswith(("http://", "https://")),
@@ -483,13 +483,7 @@ def _check(cfg: Config) -> list[tuple[str, str]]:
     return problems
 
 
-def _check_peers(peers: PeersConfig) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-
-    def need(ok: bool, path: str, why: str, got: Any) -> None:
-        if not ok:
-            problems.append((path, f"{path}: {why}, got {got!r}"))
-
+def _check_peers(peers: PeersConfig, need: Callable[[bool, str, str, Any], None]) -> None:
     for url in peers.urls:
         need(_peer_url_ok(url), "peers.urls", "each must be http(s)://HOST:PORT", url)
     need(1 <= peers.port <= 65535, "peers.port", "must be in 1..65535", peers.port)
@@ -497,7 +491,6 @@ def _check_peers(peers: PeersConfig) -> list[tuple[str, str]]:
         value = getattr(peers, name)
         need(value > 0, f"peers.{name}", "must be > 0", value)
     need(1 <= peers.concurrency <= 256, "peers.concurrency", "must be in 1..256", peers.concurrency)
-    return problems
 
 
 def _peer_url_ok(url: str) -> bool:

@@ -162,7 +162,7 @@ def _refusal(resp: Any, what: str) -> Exception:
         error = body.get("error") or {}
         code, message = str(error.get("code") or ""), str(error.get("message") or "")
     except (ValueError, AttributeError, urllib3.exceptions.HTTPError, OSError):
-        pass
+        code, message = "", ""  # no JSON error body (a proxy's page): the status says enough
     text = f"{what}: answered {resp.status} {code}".rstrip() + (f": {message}" if message else "")
     if code == "peer_busy":
         return PeerBusy(text)
