@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from weightcache.aio import Clock, RealClock, run_all
 from weightcache.config import Config
@@ -56,6 +56,10 @@ from weightcache.results import Ensured, LocalFile
 from weightcache.retry import Backoff, retry_async
 from weightcache.scheduler import Priority, PrioritySlots, SingleFlight, Urgency
 from weightcache.store import BlobLock, Store
+
+if TYPE_CHECKING:
+    from weightcache.peers.members import Members
+    from weightcache.peers.transport import PeerClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,8 +123,8 @@ class BlobWriter:
 class PeerSetup:
     """The daemon's peers, for its pulls (see :mod:`weightcache.peers`)."""
 
-    members: Any  # weightcache.peers.members.Members
-    client: Any  # weightcache.peers.transport.PeerClient
+    members: Members
+    client: PeerClient
     slots: PrioritySlots
     #: threads of their own for peer transfers: one may wait at its owner up to
     #: ``peers.wait_s``, and must not hold a thread an origin transfer needs
@@ -517,12 +521,15 @@ class Node:
         result.retries = stats.retries
         result.seconds = self.clock.monotonic() - started
         log.info(
-            "ensure.done ref=%s revision=%s origin_bytes=%d peer_bytes=%d reused_bytes=%d "
-            "coalesced_bytes=%d resumed_bytes=%d retries=%d seconds=%.3f",
+            "ensure.done ref=%s revision=%s origin_bytes=%d peer_bytes=%d peer_chunks=%d "
+            "peer_failures=%d reused_bytes=%d coalesced_bytes=%d resumed_bytes=%d retries=%d "
+            "seconds=%.3f",
             res.ref.location,
             rev[:16],
             result.origin_bytes,
             result.peer_bytes,
+            stats.peer_chunks,
+            stats.peer_failures,
             result.reused_bytes,
             result.coalesced_bytes,
             result.resumed_bytes,

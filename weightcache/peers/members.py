@@ -36,7 +36,6 @@ from urllib.parse import urlsplit
 
 from weightcache.aio import Clock
 from weightcache.config import PeersConfig
-from weightcache.peers.rendezvous import chunk_key, rank
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +220,10 @@ class Members:
 
     # -- choosing ------------------------------------------------------------------
 
-    def candidates(self, digest: str, index: int) -> list[str]:
-        """The peers to ask for a chunk, best first: the rendezvous ranking up to this
-        node's own place (past it, this node is the owner and asks the origin),
-        without the peers down or avoided for now."""
-        return self.candidates_from(rank(chunk_key(digest, index), self.names))
-
-    def candidates_from(self, ranking: list[str]) -> list[str]:
-        """:meth:`candidates` from a ranking computed beforehand (the first few)."""
+    def candidates(self, ranking: list[str]) -> list[str]:
+        """The peers to ask for a chunk, best first, from the head of its rendezvous
+        ranking: up to this node's own place (past it, this node is the owner and asks
+        the origin), without the peers down or avoided for now."""
         now = self.clock.monotonic()
         with self._lock:
             out = []

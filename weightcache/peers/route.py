@@ -47,7 +47,7 @@ class PeerRoute:
         return BlobPlan(rankings, order)
 
     def candidates(self, plan: BlobPlan, index: int) -> list[str]:
-        return self.members.candidates_from(plan.rankings[index])
+        return self.members.candidates(plan.rankings[index])
 
     def origin(self, url: str) -> PeerOrigin:
         return self.client.origin(url, self.ref)
